@@ -1,0 +1,313 @@
+"""Train MMDetection 3.x detectors with Determined: the PyTorchTrial and the entry point.
+
+On a cluster the experiment's entrypoint runs this file:
+    python3 -m determined.launch.torch_distributed python3 model_def.py
+Locally, without a cluster, through the same Determined Trainer:
+    python model_def.py EXPERIMENT.yaml --local [--max-batches N] [--set KEY=VALUE] [--output DIR]
+
+Only this file talks to Determined; everything in utils/ is plain MMDetection/MMEngine/PyTorch.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from utils.versions import check_versions
+
+# Before mmdet is imported: on a wrong mmcv it fails with a bare assert.
+check_versions()
+
+import determined as det  # noqa: E402
+import torch  # noqa: E402
+from determined import pytorch  # noqa: E402
+from mmdet.registry import DATASETS, MODELS  # noqa: E402
+from mmdet.utils import register_all_modules  # noqa: E402
+from mmengine.dataset import pseudo_collate  # noqa: E402
+from mmengine.runner import set_random_seed  # noqa: E402
+
+from utils import experiment  # noqa: E402
+from utils.config import build_config, training_length  # noqa: E402
+from utils.data import GroupedBatchSampler, SeededDataset  # noqa: E402
+from utils.evaluation import CocoEvaluator  # noqa: E402
+from utils.optim import ParamSchedulers, build_optimizer, clip_gradients  # noqa: E402
+
+logger = logging.getLogger("model_def")
+
+
+class EvaluatorReducer(pytorch.MetricReducer):
+    """Gathers every rank's COCO entries and evaluates them once, on the chief."""
+
+    def __init__(self, evaluator: CocoEvaluator) -> None:
+        self.evaluator = evaluator
+
+    def reset(self) -> None:
+        self.evaluator.reset()
+
+    def update(self, data_samples: list[Any]) -> None:
+        self.evaluator.update(data_samples)
+
+    def per_slot_reduce(self) -> Any:
+        return self.evaluator.entries
+
+    def cross_slot_reduce(self, per_slot_metrics: list[Any]) -> dict[str, float]:
+        return self.evaluator.compute(per_slot_metrics)
+
+
+class MMDetTrial(pytorch.PyTorchTrial):
+    """Any MMDetection 3.x detector config, trained and evaluated by Determined."""
+
+    def __init__(
+        self,
+        context: pytorch.PyTorchTrialContext,
+        callbacks: dict[str, pytorch.PyTorchCallback] | None = None,
+    ) -> None:
+        self.context = context
+        self.callbacks = callbacks or {}
+        register_all_modules(init_default_scope=True)
+        slots = context.distributed.get_size()
+        self.cfg = build_config(context.get_hparams(), context.get_data_config(), slots)
+        self.seed = trial_seed(self.cfg, context)
+        set_random_seed(self.seed)
+
+        self.detector = MODELS.build(self.cfg.model)
+        self.detector.init_weights()
+        self.model = context.wrap_model(self.detector)
+        optimizer, self.clip_grad = build_optimizer(self.detector, self.cfg)
+        self.optimizer = context.wrap_optimizer(optimizer)
+
+        self.train_dataset = DATASETS.build(self.cfg.train_dataloader.dataset)
+        self.val_dataset = DATASETS.build(self.cfg.val_dataloader.dataset)
+        global_batch = context.get_global_batch_size()
+        self.epoch_length = -(-len(self.train_dataset) // global_batch)
+        searcher = context.get_experiment_config().get("searcher") or {}
+        length, unit = experiment.training_length(searcher) or training_length(self.cfg)
+        self.max_batches = length * self.epoch_length if unit == "epochs" else length
+        val_interval = self.cfg.train_cfg.get("val_interval", 1)
+        by_epoch = self.cfg.train_cfg.get("type", "EpochBasedTrainLoop") == "EpochBasedTrainLoop"
+        self.validation_batches = val_interval * self.epoch_length if by_epoch else val_interval
+
+        self.lr_scheduler = context.wrap_lr_scheduler(
+            ParamSchedulers(self.optimizer, self.cfg, self.epoch_length, self.max_batches),
+            step_mode=pytorch.LRScheduler.StepMode.STEP_EVERY_BATCH,
+        )
+        evaluator = CocoEvaluator(self.cfg)
+        evaluator.set_dataset_meta(self.val_dataset.metainfo)
+        self.reducer = context.wrap_reducer(EvaluatorReducer(evaluator), for_training=False)
+
+    def build_training_data_loader(self) -> pytorch.DataLoader:
+        loader_cfg = self.cfg.train_dataloader
+        sampler = GroupedBatchSampler(
+            self.train_dataset, self.context.get_per_slot_batch_size(), seed=self.seed
+        )
+        return pytorch.DataLoader(
+            SeededDataset(self.train_dataset, self.seed),
+            batch_sampler=sampler,
+            num_workers=loader_cfg.get("num_workers", 0),
+            persistent_workers=loader_cfg.get("num_workers", 0) > 0,
+            collate_fn=pseudo_collate,
+            # Workers' seeds come from here, not from the global generator: exact resumes.
+            generator=torch.Generator().manual_seed(self.seed),
+        )
+
+    def build_validation_data_loader(self) -> pytorch.DataLoader:
+        loader_cfg = self.cfg.val_dataloader
+        return pytorch.DataLoader(
+            self.val_dataset,
+            batch_size=loader_cfg.get("batch_size", 1),
+            shuffle=False,
+            num_workers=loader_cfg.get("num_workers", 0),
+            persistent_workers=loader_cfg.get("num_workers", 0) > 0,
+            collate_fn=pseudo_collate,
+            generator=torch.Generator().manual_seed(self.seed),
+        )
+
+    def train_batch(self, batch: Any, epoch_idx: int, batch_idx: int) -> dict[str, Any]:
+        data = self.detector.data_preprocessor(batch, training=True)
+        losses = self.model(**data, mode="loss")
+        loss, log_vars = self.detector.parse_losses(losses)
+        if not torch.isfinite(loss):
+            terms = ", ".join(f"{k}={v.item():.4g}" for k, v in log_vars.items())
+            raise RuntimeError(f"Loss is not finite at batch {batch_idx} ({terms}); stopping.")
+        self.context.backward(loss)
+        metrics = {name: value.item() for name, value in log_vars.items()}
+        if self.clip_grad:
+
+            def clip(params: Any) -> None:
+                metrics["grad_norm"] = float(clip_gradients(params, self.clip_grad))
+
+            self.context.step_optimizer(self.optimizer, clip_grads=clip)
+        else:
+            self.context.step_optimizer(self.optimizer)
+        metrics["lr"] = self.optimizer.param_groups[0]["lr"]
+        return metrics
+
+    def evaluate_batch(self, batch: Any, batch_idx: int) -> dict[str, Any]:
+        data = self.detector.data_preprocessor(batch, training=False)
+        with torch.no_grad():
+            predictions = self.detector(**data, mode="predict")
+        self.reducer.update(predictions)
+        return {}
+
+    def build_callbacks(self) -> dict[str, pytorch.PyTorchCallback]:
+        return self.callbacks
+
+
+def trial_seed(cfg: Any, context: pytorch.PyTorchTrialContext) -> int:
+    """The config's `randomness.seed`, else Determined's trial seed, else 0 (local runs)."""
+    seed = (cfg.get("randomness") or {}).get("seed")
+    if seed is not None:
+        return int(seed)
+    try:
+        return context.get_trial_seed()
+    except det.errors.InternalException:
+        return 0
+
+
+class LocalReport(pytorch.PyTorchCallback):
+    """Local runs: progress on the console and every reported step in `metrics.jsonl`."""
+
+    def __init__(self, context: pytorch.PyTorchTrialContext, path: Path, total: int) -> None:
+        self.context = context
+        self.path = path
+        self.total = total
+        self.start = time.monotonic()
+        self.first_batch: int | None = None
+
+    def _write(self, kind: str, metrics: dict[str, Any]) -> int:
+        batches = self.context.current_train_batch() + 1
+        with self.path.open("a") as stream:
+            record = {"kind": kind, "batches": batches, "metrics": metrics}
+            stream.write(json.dumps(record) + "\n")
+        return batches
+
+    def on_training_workload_end(
+        self, avg_metrics: dict[str, Any], batch_metrics: dict[str, Any]
+    ) -> None:
+        batches = self._write("training", avg_metrics)
+        if self.first_batch is None:
+            self.first_batch, self.start = batches, time.monotonic()
+            left = "?"
+        else:
+            rate = (time.monotonic() - self.start) / (batches - self.first_batch)
+            left = f"{rate * (self.total - batches) / 60:.1f} min"
+        print(
+            f"[{batches}/{self.total}] loss {avg_metrics['loss']:.4f} "
+            f"lr {avg_metrics['lr']:.3g} time left {left}",
+            flush=True,
+        )
+
+    def on_validation_end(self, metrics: dict[str, Any]) -> None:
+        self._write("validation", metrics)
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawTextHelpFormatter
+    )
+    parser.add_argument("experiment", nargs="?", help="experiment YAML (local runs)")
+    parser.add_argument("--local", action="store_true", help="train here, without a cluster")
+    parser.add_argument("--max-batches", type=int, help="cap the training length (local)")
+    parser.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override a dotted key of the experiment YAML, e.g. data.backend=synthetic",
+    )
+    parser.add_argument("--output", default="runs/local", help="folder for checkpoints and metrics")
+    parser.add_argument("--resume", help="checkpoint folder of an earlier local run to continue")
+    parser.add_argument("--report-every", type=int, default=20, help="batches per training report")
+    args = parser.parse_args(argv)
+    if args.local and not args.experiment:
+        parser.error("--local needs an experiment YAML")
+    return args
+
+
+def run_local(args: argparse.Namespace) -> Path:
+    """Train on this machine with Determined's Trainer; returns the path of `metrics.jsonl`."""
+    exp_conf = experiment.load_experiment(args.experiment, args.set)
+    hparams = experiment.local_hparams(exp_conf.get("hyperparameters") or {})
+    output = Path(args.output).resolve()
+    output.mkdir(parents=True, exist_ok=True)
+    # Determined's local checkpoints go to $XDG_DATA_HOME/determined: keep them under --output.
+    os.environ["XDG_DATA_HOME"] = str(output)
+    storage = output / "determined"
+    latest = None
+    if args.resume:
+        resume = Path(args.resume).resolve()
+        if not (resume / "metadata.json").is_file():
+            raise SystemExit(f"--resume {args.resume}: not a checkpoint folder (no metadata.json).")
+        storage.mkdir(exist_ok=True)
+        if resume.parent != storage and not (storage / resume.name).exists():
+            (storage / resume.name).symlink_to(resume, target_is_directory=True)
+        latest = resume.name
+    metrics_path = output / "metrics.jsonl"
+    with det.pytorch.init(hparams=hparams, exp_conf=exp_conf) as context:
+        # Local TensorBoard files: Determined would write them to ./runs of the working directory.
+        context._core.train._tbd_directory = output / "tensorboard"
+        trial = MMDetTrial(context)
+        length = (
+            trial.max_batches
+            if args.max_batches is None
+            else min(args.max_batches, trial.max_batches)
+        )
+        trial.callbacks["local_report"] = LocalReport(context, metrics_path, length)
+        period = pytorch.Batch(min(trial.validation_batches, length))
+        det.pytorch.Trainer(trial, context).fit(
+            max_length=pytorch.Batch(length),
+            validation_period=period,
+            checkpoint_period=period,
+            reporting_period=pytorch.Batch(args.report_every),
+            latest_checkpoint=latest,
+        )
+    print_final_validation(metrics_path)
+    return metrics_path
+
+
+def print_final_validation(metrics_path: Path) -> None:
+    records = [json.loads(line) for line in metrics_path.read_text().splitlines()]
+    validations = [r for r in records if r["kind"] == "validation"]
+    if not validations:
+        print("No validation was reported.")
+        return
+    last = validations[-1]
+    print(f"\nValidation after {last['batches']} batches:")
+    for name, value in last["metrics"].items():
+        if name.startswith(("bbox_", "segm_")):
+            print(f"  {name:<18} {value:.3f}")
+    print(f"Checkpoints: {metrics_path.parent / 'determined'}  Metrics: {metrics_path}")
+
+
+def run_on_cluster() -> None:
+    info = det.get_cluster_info()
+    with det.pytorch.init() as context:
+        trial = MMDetTrial(context)
+        period = pytorch.Batch(trial.validation_batches)
+        det.pytorch.Trainer(trial, context).fit(
+            max_length=pytorch.Batch(trial.max_batches),
+            validation_period=period,
+            checkpoint_period=period,
+            latest_checkpoint=info.latest_checkpoint if info else None,
+        )
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format=det.LOG_FORMAT)
+    if args.local:
+        run_local(args)
+    elif det.get_cluster_info() is None:
+        raise SystemExit("Not on a Determined cluster: pass an experiment YAML and --local.")
+    else:
+        run_on_cluster()
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])

@@ -1,0 +1,124 @@
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+from mmengine.config import Config
+
+from utils.config import ConfigError, build_config, drop_pretrained, resolve_config_path
+from utils.experiment import load_experiment, local_hparams
+
+REPO = Path(__file__).resolve().parent.parent
+DEMO = "configs/synthetic/maskrcnn_r18_fpn_synthetic.py"
+
+
+def hparams(**extra: object) -> dict:
+    return {"config_file": DEMO, "global_batch_size": 4, **extra}
+
+
+def test_demo_config_gets_data_batch_and_optimizer(synthetic_data: dict) -> None:
+    cfg = build_config(hparams(lr=0.01, weight_decay=0.001, momentum=0.8), synthetic_data, slots=2)
+    assert cfg.train_dataloader.batch_size == 2
+    assert cfg.optim_wrapper.optimizer.lr == 0.01
+    assert cfg.optim_wrapper.optimizer.weight_decay == 0.001
+    assert cfg.optim_wrapper.optimizer.momentum == 0.8
+    dataset = cfg.train_dataloader.dataset
+    assert Path(dataset.data_root, dataset.ann_file).is_file()
+    assert dataset.metainfo["classes"] == ("circle", "square", "triangle")
+    assert cfg.model.roi_head.bbox_head.num_classes == 3
+    assert cfg.model.roi_head.mask_head.num_classes == 3
+    assert Path(cfg.val_evaluator.ann_file).is_file()
+
+
+def test_overrides_apply_last_and_reach_into_lists(synthetic_data: dict) -> None:
+    overrides = {
+        "model.backbone.depth": 34,
+        "param_scheduler.1.gamma": 0.5,
+        "train_dataloader.batch_size": 3,
+    }
+    cfg = build_config(hparams(override_mmdet_config=overrides), synthetic_data)
+    assert cfg.model.backbone.depth == 34
+    assert cfg.param_scheduler[1].gamma == 0.5
+    assert cfg.train_dataloader.batch_size == 3
+
+
+def test_unknown_override_key_is_named_with_suggestion(synthetic_data: dict) -> None:
+    with pytest.raises(ConfigError, match=r"'model.backbone.dept'.*did you mean depth"):
+        build_config(hparams(override_mmdet_config={"model.backbone.dept": 34}), synthetic_data)
+
+
+def test_merge_config_is_applied_on_top(tmp_path: Path, synthetic_data: dict) -> None:
+    extra = tmp_path / "extra.py"
+    extra.write_text("model = dict(backbone=dict(depth=34))\n")
+    cfg = build_config(hparams(merge_config=str(extra)), synthetic_data)
+    assert cfg.model.backbone.depth == 34
+    assert cfg.model.roi_head.mask_head.num_classes == 3
+
+
+def test_mmdet_scoped_config_resolves() -> None:
+    path = resolve_config_path("mmdet::retinanet/retinanet_r50_fpn_1x_coco.py")
+    assert path.is_file() and path.parts[-2:] == ("retinanet", "retinanet_r50_fpn_1x_coco.py")
+
+
+@pytest.mark.parametrize(
+    ("changes", "message"),
+    [
+        ({"config_file": "configs/missing.py"}, "configs/missing.py' not found"),
+        ({"config_file": "mmdet::nope/nope.py"}, "config 'mmdet::nope/nope.py' not found"),
+        ({"global_batch_size": 5}, "global_batch_size 5 does not divide by"),
+        ({"global_batch_size": None}, "global_batch_size is None"),
+    ],
+)
+def test_bad_hyperparameters_are_explained(
+    changes: dict, message: str, synthetic_data: dict
+) -> None:
+    with pytest.raises(ConfigError, match=message):
+        build_config({**hparams(), **changes}, synthetic_data, slots=2)
+
+
+def test_unknown_backend_is_named() -> None:
+    with pytest.raises(
+        ConfigError, match="data.backend 's4' is unknown; use one of synthetic, disk"
+    ):
+        build_config(hparams(), {"backend": "s4"})
+
+
+def test_disk_backend_needs_root_and_annotation_files(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="data.root is not set"):
+        build_config(hparams(), {"backend": "disk"})
+    with pytest.raises(ConfigError, match=r"data.train_ann: annotation file .*instances_train2017"):
+        build_config(hparams(), {"backend": "disk", "root": str(tmp_path)})
+
+
+def test_disk_backend_with_custom_layout(tmp_path: Path) -> None:
+    for split in ("train", "val"):
+        (tmp_path / f"{split}_images").mkdir()
+        (tmp_path / f"{split}.json").write_text(json.dumps({"images": [], "annotations": []}))
+    data = {
+        "backend": "disk",
+        "root": str(tmp_path),
+        "train_ann": "train.json",
+        "val_ann": "val.json",
+        "train_img_prefix": "train_images/",
+        "val_img_prefix": "val_images/",
+        "classes": ["cat", "dog"],
+    }
+    cfg = build_config(hparams(), data)
+    assert cfg.val_dataloader.dataset.data_prefix == {"img": "val_images/"}
+    assert cfg.val_evaluator.ann_file == str(tmp_path / "val.json")
+    assert cfg.model.roi_head.bbox_head.num_classes == 2
+
+
+@pytest.mark.parametrize("name", ["maskrcnn", "retinanet", "gfl"])
+def test_coco_experiments_build_on_synthetic_data_without_weights(
+    name: str, synthetic_data: dict
+) -> None:
+    exp = load_experiment(REPO / "experiments" / f"{name}.yaml")
+    hp = local_hparams(exp["hyperparameters"])
+    shipped = Config.fromfile(resolve_config_path(hp["config_file"]))
+    assert "Pretrained" in json.dumps(shipped.model.to_dict())  # the COCO config keeps its weights
+    cfg = build_config(hp, synthetic_data)
+    assert drop_pretrained(cfg.model) == 0
+    assert cfg.train_dataloader.batch_size == 16
+    assert cfg.train_cfg.max_epochs == 12 and cfg.train_cfg.val_interval == 1

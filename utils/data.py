@@ -1,0 +1,75 @@
+"""Batch sampling for detection datasets, in plain PyTorch terms."""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Iterator
+from typing import Any
+
+import numpy as np
+from torch.utils.data import Dataset, Sampler
+
+
+class GroupedBatchSampler(Sampler[list[int]]):
+    """Shuffled batches of images with the same orientation (landscape or portrait).
+
+    Like mmdet's AspectRatioBatchSampler, but deterministic per (seed, pass), so Determined can
+    repeat it, shard whole batches across ranks and skip the batches already trained when a run
+    resumes. It yields `(pass, index)` keys for `SeededDataset`.
+    """
+
+    def __init__(self, dataset: Dataset, batch_size: int, seed: int, shuffle: bool = True) -> None:
+        self.batch_size = batch_size
+        self.seed = seed
+        self.shuffle = shuffle
+        infos = [dataset.get_data_info(i) for i in range(len(dataset))]
+        self.portrait = np.array([info["height"] > info["width"] for info in infos])
+        self.passes = 0
+
+    def __len__(self) -> int:
+        return -(-len(self.portrait) // self.batch_size)
+
+    def __iter__(self) -> Iterator[list[tuple[int, int]]]:
+        this_pass = self.passes
+        self.passes += 1
+        rng = np.random.default_rng([self.seed, this_pass])
+        order = rng.permutation(len(self.portrait)) if self.shuffle else range(len(self.portrait))
+        buckets: tuple[list[tuple[int, int]], ...] = ([], [])
+        for index in order:
+            bucket = buckets[int(self.portrait[index])]
+            bucket.append((this_pass, int(index)))
+            if len(bucket) == self.batch_size:
+                yield bucket.copy()
+                bucket.clear()
+        # The leftovers of both orientations fill the pass's last batches, as mmdet does.
+        rest = buckets[0] + buckets[1]
+        for start in range(0, len(rest), self.batch_size):
+            yield rest[start : start + self.batch_size]
+
+
+class SeededDataset(Dataset):
+    """Runs the random transforms of sample `(pass, index)` from a seed derived from both.
+
+    mmdet's transforms draw from the global `numpy.random` and `random`; seeding them per sample
+    makes the augmentation of a batch independent of worker count and of where a run resumed.
+    """
+
+    def __init__(self, dataset: Dataset, seed: int) -> None:
+        self.dataset = dataset
+        self.seed = seed
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, key: tuple[int, int]) -> Any:
+        this_pass, index = key
+        sample_seed = np.random.SeedSequence([self.seed, this_pass, index]).generate_state(1)[0]
+        np_state, py_state = np.random.get_state(), random.getstate()
+        np.random.seed(sample_seed)
+        random.seed(int(sample_seed))
+        try:
+            return self.dataset[index]
+        finally:
+            # In the main process (no workers) leave the global generators as they were.
+            np.random.set_state(np_state)
+            random.setstate(py_state)

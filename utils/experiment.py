@@ -1,0 +1,114 @@
+"""Experiment YAML handling for local runs: load, apply `--set` overrides, pick hyperparameters.
+
+On a cluster Determined samples the hyperparameters; locally we take each one's constant value,
+or a representative value of a searched range (and say which), so that the same YAML runs both ways.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+logger = logging.getLogger(__name__)
+
+
+class ExperimentError(ValueError):
+    """A problem in an experiment YAML or in a `--set` override, with what to do about it."""
+
+
+def load_experiment(path: str | Path, overrides: list[str] = ()) -> dict[str, Any]:
+    """Load an experiment YAML and apply `KEY=VALUE` overrides given as dotted paths."""
+    path = Path(path)
+    if not path.is_file():
+        raise ExperimentError(
+            f"Experiment file {path} does not exist: pass a YAML from experiments/."
+        )
+    try:
+        config = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as err:
+        raise ExperimentError(f"Experiment file {path} is not valid YAML: {err}") from err
+    if not isinstance(config, dict):
+        raise ExperimentError(f"Experiment file {path} must hold a mapping at the top level.")
+    for item in overrides:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise ExperimentError(f"--set {item!r}: write it as dotted.key=value.")
+        set_dotted(config, key, yaml.safe_load(value), source=f"--set {item!r}")
+    return config
+
+
+def set_dotted(tree: dict[str, Any], key: str, value: Any, source: str) -> None:
+    """Set `a.b.c` in nested dicts, creating missing levels; refuse to descend into a non-dict."""
+    parts = key.split(".")
+    node = tree
+    for depth, part in enumerate(parts[:-1]):
+        child = node.setdefault(part, {})
+        if not isinstance(child, dict):
+            where = ".".join(parts[: depth + 1])
+            raise ExperimentError(f"{source}: {where} is {child!r}, not a mapping.")
+        node = child
+    node[parts[-1]] = value
+
+
+def local_hparams(hyperparameters: dict[str, Any]) -> dict[str, Any]:
+    """Resolve Determined hyperparameter specs to the single values a local run uses."""
+    resolved = {}
+    for name, spec in hyperparameters.items():
+        resolved[name] = _resolve(name, spec)
+    return resolved
+
+
+def _resolve(name: str, spec: Any) -> Any:
+    if not isinstance(spec, dict) or "type" not in spec:
+        if isinstance(spec, dict):  # a nested group of hyperparameters, as Determined allows
+            return {k: _resolve(f"{name}.{k}", v) for k, v in spec.items()}
+        return copy.deepcopy(spec)
+    kind = spec["type"]
+    if kind == "const":
+        return copy.deepcopy(spec["val"])
+    if kind == "categorical":
+        value = spec["vals"][0]
+    elif kind in ("int", "double"):
+        value = (spec["minval"] + spec["maxval"]) / 2
+        value = round(value) if kind == "int" else value
+    elif kind == "log":
+        value = spec.get("base", 10) ** ((spec["minval"] + spec["maxval"]) / 2)
+        value = float(f"{value:.3g}")
+    else:
+        raise ExperimentError(
+            f"hyperparameters.{name}: unknown type {kind!r}; use const, int, double, log or "
+            "categorical."
+        )
+    logger.warning(
+        "hyperparameters.%s is searched (%s); this local run uses %r.", name, kind, value
+    )
+    return value
+
+
+def training_length(searcher: dict[str, Any]) -> tuple[int, str] | None:
+    """Training length `(value, "batches" | "epochs")` named by the searcher, if any.
+
+    Determined 0.38 names it with `max_time` + `time_metric`; the legacy `max_length` is read too.
+    None means: take the length from the MMDetection config's `train_cfg`.
+    """
+    if searcher.get("max_time") is not None:
+        unit = searcher.get("time_metric")
+        if unit not in ("batches", "epochs"):
+            raise ExperimentError(
+                f"searcher.time_metric is {unit!r}: use 'batches' or 'epochs' with max_time."
+            )
+        return int(searcher["max_time"]), unit
+    length = searcher.get("max_length")
+    if isinstance(length, dict) and len(length) == 1:
+        ((unit, value),) = length.items()
+        if unit in ("batches", "epochs"):
+            return int(value), unit
+    if length is not None:
+        raise ExperimentError(
+            f"searcher.max_length {length!r}: use {{batches: N}} or {{epochs: N}}, or max_time."
+        )
+    return None
