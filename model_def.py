@@ -25,6 +25,7 @@ from utils.versions import check_versions
 check_versions()
 
 import determined as det  # noqa: E402
+import numpy as np  # noqa: E402
 import torch  # noqa: E402
 from determined import pytorch  # noqa: E402
 from mmdet.registry import DATASETS, MODELS  # noqa: E402
@@ -39,6 +40,12 @@ from utils.evaluation import CocoEvaluator  # noqa: E402
 from utils.optim import ParamSchedulers, build_optimizer, clip_gradients  # noqa: E402
 
 logger = logging.getLogger("model_def")
+
+# Determined 0.38 checkpoints hold numpy's RNG state, and it restores them with torch.load's
+# default weights_only=True (torch >= 2.6), which refuses numpy arrays unless allowed here.
+torch.serialization.add_safe_globals(
+    [np._core.multiarray._reconstruct, np.ndarray, np.dtype, np.dtypes.UInt32DType]
+)
 
 
 class EvaluatorReducer(pytorch.MetricReducer):
@@ -67,9 +74,12 @@ class MMDetTrial(pytorch.PyTorchTrial):
         self,
         context: pytorch.PyTorchTrialContext,
         callbacks: dict[str, pytorch.PyTorchCallback] | None = None,
+        resumed_batches: int = 0,
     ) -> None:
+        """`resumed_batches`: batches already trained by a local checkpoint being resumed."""
         self.context = context
         self.callbacks = callbacks or {}
+        self.resumed_batches = resumed_batches
         register_all_modules(init_default_scope=True)
         slots = context.distributed.get_size()
         self.cfg = build_config(context.get_hparams(), context.get_data_config(), slots)
@@ -103,8 +113,13 @@ class MMDetTrial(pytorch.PyTorchTrial):
 
     def build_training_data_loader(self) -> pytorch.DataLoader:
         loader_cfg = self.cfg.train_dataloader
+        # On a cluster Determined skips the batches a resumed trial already trained; its local
+        # mode restarts the data from the beginning, so local resumes skip them here.
         sampler = GroupedBatchSampler(
-            self.train_dataset, self.context.get_per_slot_batch_size(), seed=self.seed
+            self.train_dataset,
+            self.context.get_per_slot_batch_size(),
+            seed=self.seed,
+            skip=self.resumed_batches * self.context.distributed.get_size(),
         )
         return pytorch.DataLoader(
             SeededDataset(self.train_dataset, self.seed),
@@ -173,24 +188,25 @@ def trial_seed(cfg: Any, context: pytorch.PyTorchTrialContext) -> int:
 class LocalReport(pytorch.PyTorchCallback):
     """Local runs: progress on the console and every reported step in `metrics.jsonl`."""
 
-    def __init__(self, context: pytorch.PyTorchTrialContext, path: Path, total: int) -> None:
-        self.context = context
+    def __init__(self, path: Path, total: int) -> None:
         self.path = path
         self.total = total
         self.start = time.monotonic()
         self.first_batch: int | None = None
+        self.batches = 0
 
-    def _write(self, kind: str, metrics: dict[str, Any]) -> int:
-        batches = self.context.current_train_batch() + 1
+    def _write(self, kind: str, metrics: dict[str, Any]) -> None:
         with self.path.open("a") as stream:
-            record = {"kind": kind, "batches": batches, "metrics": metrics}
+            record = {"kind": kind, "batches": self.batches, "metrics": metrics}
             stream.write(json.dumps(record) + "\n")
-        return batches
 
     def on_training_workload_end(
         self, avg_metrics: dict[str, Any], batch_metrics: dict[str, Any]
     ) -> None:
-        batches = self._write("training", avg_metrics)
+        # Determined adds the trial's batch count to training metrics; validations follow a
+        # training workload, so they happen at the same count.
+        self.batches = batches = int(avg_metrics["batches"])
+        self._write("training", avg_metrics)
         if self.first_batch is None:
             self.first_batch, self.start = batches, time.monotonic()
             left = "?"
@@ -239,7 +255,7 @@ def run_local(args: argparse.Namespace) -> Path:
     # Determined's local checkpoints go to $XDG_DATA_HOME/determined: keep them under --output.
     os.environ["XDG_DATA_HOME"] = str(output)
     storage = output / "determined"
-    latest = None
+    latest, resumed_batches = None, 0
     if args.resume:
         resume = Path(args.resume).resolve()
         if not (resume / "metadata.json").is_file():
@@ -248,17 +264,18 @@ def run_local(args: argparse.Namespace) -> Path:
         if resume.parent != storage and not (storage / resume.name).exists():
             (storage / resume.name).symlink_to(resume, target_is_directory=True)
         latest = resume.name
+        resumed_batches = json.loads((resume / "metadata.json").read_text())["steps_completed"]
     metrics_path = output / "metrics.jsonl"
     with det.pytorch.init(hparams=hparams, exp_conf=exp_conf) as context:
         # Local TensorBoard files: Determined would write them to ./runs of the working directory.
         context._core.train._tbd_directory = output / "tensorboard"
-        trial = MMDetTrial(context)
+        trial = MMDetTrial(context, resumed_batches=resumed_batches)
         length = (
             trial.max_batches
             if args.max_batches is None
             else min(args.max_batches, trial.max_batches)
         )
-        trial.callbacks["local_report"] = LocalReport(context, metrics_path, length)
+        trial.callbacks["local_report"] = LocalReport(metrics_path, length)
         period = pytorch.Batch(min(trial.validation_batches, length))
         det.pytorch.Trainer(trial, context).fit(
             max_length=pytorch.Batch(length),

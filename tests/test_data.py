@@ -60,6 +60,17 @@ def test_seeded_dataset_is_a_function_of_seed_pass_and_index() -> None:
     assert SeededDataset(Shapes(SIZES), seed=1)[(0, 5)] != a
 
 
+@pytest.mark.parametrize("skip", [0, 3, 6, 14])
+def test_skip_resumes_the_repeated_stream(skip: int) -> None:
+    def stream(sampler: GroupedBatchSampler, passes: int) -> list:
+        return [batch for _ in range(passes) for batch in sampler]
+
+    straight = stream(GroupedBatchSampler(Shapes(SIZES), batch_size=4, seed=0), 4)
+    resumed = stream(GroupedBatchSampler(Shapes(SIZES), batch_size=4, seed=0, skip=skip), 2)
+    assert resumed == straight[skip : skip + len(resumed)]
+    assert len(resumed) == 12 - skip % 6
+
+
 @pytest.mark.parametrize("batch_size", [1, 5, 21, 30])
 def test_length_is_ceil_of_size_over_batch(batch_size: int) -> None:
     sampler = GroupedBatchSampler(Shapes(SIZES), batch_size=batch_size, seed=0)

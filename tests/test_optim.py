@@ -85,7 +85,7 @@ def test_lr_sequence_equals_mmengine(name: str) -> None:
     total = EPOCHS * EPOCH_LENGTH
     expected, got = mmengine_lrs(cfg, total), our_lrs(cfg, total)
     assert len(got) == total == 444
-    assert len(set(got)) > 3  # the schedule really changes the LR
+    assert len(set(got)) >= 3  # the schedule really changes the LR
     assert got == pytest.approx(expected, rel=1e-12, abs=0)
 
 

@@ -61,7 +61,9 @@ def test_trains_validates_and_checkpoints(
     metrics = validation[0]["metrics"]
     expected = {f"{task}_{name}" for task in tasks for name in COCO_NAMES}
     assert expected <= set(metrics)
-    assert all(0.0 <= metrics[name] <= 1.0 for name in expected)
+    # pycocotools reports -1 where an area range has no ground truth (no large objects here).
+    assert all(0.0 <= metrics[name] <= 1.0 or metrics[name] == -1.0 for name in expected)
+    assert metrics["bbox_mAP_m"] >= 0.0
     assert not {name for name in metrics if name.startswith("segm_")} - expected
     assert metrics["num_images"] == TINY_SYNTHETIC["num_val"]
 

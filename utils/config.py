@@ -99,31 +99,27 @@ def apply_hparams(cfg: Config, hparams: dict[str, Any]) -> None:
 def apply_overrides(cfg: Config, overrides: dict[str, Any]) -> None:
     """Apply `override_mmdet_config`: each dotted key must already exist in the config."""
     for key, value in overrides.items():
-        node: Any = cfg
         parts = key.split(".")
+        parent: Any = None
+        node: Any = cfg
         for depth, part in enumerate(parts):
-            where = ".".join(parts[:depth])
-            if isinstance(node, (list, tuple)) and part.isdigit() and int(part) < len(node):
-                child = node[int(part)]
-            elif isinstance(node, dict) and part in node:
-                child = node[part]
+            if isinstance(node, (dict, Config)):
+                options = list(node)
+            elif isinstance(node, list):
+                options = [str(i) for i in range(len(node))]
             else:
-                options = (
-                    list(node) if isinstance(node, dict) else [str(i) for i in range(len(node))]
-                )
+                options = []
+            if part not in options:
                 close = difflib.get_close_matches(part, options, n=3)
                 raise ConfigError(
                     f"override_mmdet_config: unknown key {key!r} ({part!r} is not in "
-                    f"{where or 'the config'}"
+                    f"{'.'.join(parts[:depth]) or 'the config'}"
                     + (f"; did you mean {', '.join(close)}?" if close else "")
                     + "). Check the key against the resolved config."
                 )
-            if depth < len(parts) - 1:
-                node = child
-        if isinstance(node, list):
-            node[int(parts[-1])] = value
-        else:
-            node[parts[-1]] = ConfigDict(value) if isinstance(value, dict) else value
+            parent, node = node, node[int(part) if isinstance(node, list) else part]
+        leaf = int(parts[-1]) if isinstance(parent, list) else parts[-1]
+        parent[leaf] = ConfigDict(value) if isinstance(value, dict) else value
 
 
 def set_num_classes(model_cfg: Any, num_classes: int) -> int:

@@ -10,41 +10,50 @@ import numpy as np
 from torch.utils.data import Dataset, Sampler
 
 
-class GroupedBatchSampler(Sampler[list[int]]):
+class GroupedBatchSampler(Sampler[list[tuple[int, int]]]):
     """Shuffled batches of images with the same orientation (landscape or portrait).
 
-    Like mmdet's AspectRatioBatchSampler, but deterministic per (seed, pass), so Determined can
-    repeat it, shard whole batches across ranks and skip the batches already trained when a run
-    resumes. It yields `(pass, index)` keys for `SeededDataset`.
+    Like mmdet's AspectRatioBatchSampler, but each pass is a function of (seed, pass number), so a
+    training engine can repeat it, shard whole batches across ranks and skip the batches already
+    trained when a run resumes. It yields `(pass, index)` keys for `SeededDataset`.
+
+    Args:
+        dataset: an mmdet dataset (`get_data_info(i)` gives `width` and `height`).
+        batch_size: images per batch.
+        seed: the run's seed.
+        skip: batches of the repeated stream to skip first, for resumes the engine does not skip.
     """
 
-    def __init__(self, dataset: Dataset, batch_size: int, seed: int, shuffle: bool = True) -> None:
+    def __init__(self, dataset: Dataset, batch_size: int, seed: int, skip: int = 0) -> None:
         self.batch_size = batch_size
         self.seed = seed
-        self.shuffle = shuffle
         infos = [dataset.get_data_info(i) for i in range(len(dataset))]
         self.portrait = np.array([info["height"] > info["width"] for info in infos])
-        self.passes = 0
+        self.passes, self.skip = divmod(skip, len(self))
 
     def __len__(self) -> int:
         return -(-len(self.portrait) // self.batch_size)
 
     def __iter__(self) -> Iterator[list[tuple[int, int]]]:
-        this_pass = self.passes
+        batches = self.batches_of_pass(self.passes)
         self.passes += 1
-        rng = np.random.default_rng([self.seed, this_pass])
-        order = rng.permutation(len(self.portrait)) if self.shuffle else range(len(self.portrait))
+        skip, self.skip = self.skip, 0
+        yield from batches[skip:]
+
+    def batches_of_pass(self, this_pass: int) -> list[list[tuple[int, int]]]:
+        order = np.random.default_rng([self.seed, this_pass]).permutation(len(self.portrait))
+        batches: list[list[tuple[int, int]]] = []
         buckets: tuple[list[tuple[int, int]], ...] = ([], [])
         for index in order:
             bucket = buckets[int(self.portrait[index])]
             bucket.append((this_pass, int(index)))
             if len(bucket) == self.batch_size:
-                yield bucket.copy()
+                batches.append(bucket.copy())
                 bucket.clear()
         # The leftovers of both orientations fill the pass's last batches, as mmdet does.
         rest = buckets[0] + buckets[1]
-        for start in range(0, len(rest), self.batch_size):
-            yield rest[start : start + self.batch_size]
+        batches += [rest[i : i + self.batch_size] for i in range(0, len(rest), self.batch_size)]
+        return batches
 
 
 class SeededDataset(Dataset):
