@@ -35,12 +35,18 @@ def test_overrides_apply_last_and_reach_into_lists(synthetic_data: dict) -> None
     overrides = {
         "model.backbone.depth": 34,
         "param_scheduler.1.gamma": 0.5,
-        "train_dataloader.batch_size": 3,
+        "val_dataloader.batch_size": 3,
     }
     cfg = build_config(hparams(override_mmdet_config=overrides), synthetic_data)
     assert cfg.model.backbone.depth == 34
     assert cfg.param_scheduler[1].gamma == 0.5
-    assert cfg.train_dataloader.batch_size == 3
+    assert cfg.val_dataloader.batch_size == 3
+
+
+def test_batch_size_comes_from_global_batch_size_only(synthetic_data: dict) -> None:
+    overrides = {"train_dataloader.batch_size": 3}
+    with pytest.raises(ConfigError, match="set those instead"):
+        build_config(hparams(override_mmdet_config=overrides), synthetic_data)
 
 
 def test_unknown_override_key_is_named_with_suggestion(synthetic_data: dict) -> None:
@@ -122,3 +128,12 @@ def test_coco_experiments_build_on_synthetic_data_without_weights(
     assert drop_pretrained(cfg.model) == 0
     assert cfg.train_dataloader.batch_size == 16
     assert cfg.train_cfg.max_epochs == 12 and cfg.train_cfg.val_interval == 1
+
+
+def test_momentum_needs_an_optimizer_that_takes_it(tmp_path: Path, synthetic_data: dict) -> None:
+    adamw = tmp_path / "adamw.py"
+    adamw.write_text("optim_wrapper = dict(optimizer=dict(_delete_=True, type='AdamW', lr=1e-4))\n")
+    cfg = build_config(hparams(merge_config=str(adamw), lr=2e-4), synthetic_data)
+    assert cfg.optim_wrapper.optimizer == {"type": "AdamW", "lr": 2e-4}
+    with pytest.raises(ConfigError, match="optimizer AdamW takes no momentum"):
+        build_config(hparams(merge_config=str(adamw), momentum=0.9), synthetic_data)

@@ -103,3 +103,35 @@ def test_resume_continues_exactly(tmp_path: Path, synthetic_cache: Path) -> None
 def test_resume_needs_a_checkpoint_folder(tmp_path: Path, synthetic_cache: Path) -> None:
     with pytest.raises(SystemExit, match="not a checkpoint folder"):
         run(tmp_path, synthetic_cache, "retinanet_r18_fpn_synthetic", "--resume", str(tmp_path))
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", ["maskrcnn", "retinanet", "gfl"])
+def test_coco_experiments_run_locally_on_generated_data(
+    tmp_path: Path, synthetic_cache: Path, name: str
+) -> None:
+    """The full R50 COCO recipes (1333x800 inputs) for one batch of 2 images, then validation."""
+    args = [
+        str(REPO / "experiments" / f"{name}.yaml"),
+        "--local",
+        "--output",
+        str(tmp_path),
+        "--max-batches",
+        "1",
+        "--report-every",
+        "1",
+        "--set",
+        "data.backend=synthetic",
+        "--set",
+        f"data.cache_dir={synthetic_cache}",
+        "--set",
+        f"data.synthetic={json.dumps({**TINY_SYNTHETIC, 'num_val': 2})}",
+        "--set",
+        "hyperparameters.global_batch_size=2",
+    ]
+    model_def.main(args)
+    records = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert [(r["kind"], r["batches"]) for r in records] == [("training", 1), ("validation", 1)]
+    assert math.isfinite(records[0]["metrics"]["loss"])
+    assert {f"bbox_{n}" for n in COCO_NAMES} <= set(records[1]["metrics"])
+    assert records[1]["metrics"]["num_images"] == 2

@@ -78,7 +78,13 @@ def build_config(hparams: dict[str, Any], data: dict[str, Any], slots: int = 1) 
             f"resources.slots_per_trial {slots}: make it a multiple."
         )
     cfg.train_dataloader.batch_size = global_batch // slots
-    apply_overrides(cfg, hparams.get("override_mmdet_config") or {})
+    overrides = hparams.get("override_mmdet_config") or {}
+    if "train_dataloader.batch_size" in overrides:
+        raise ConfigError(
+            "override_mmdet_config: train_dataloader.batch_size follows "
+            "hyperparameters.global_batch_size / resources.slots_per_trial; set those instead."
+        )
+    apply_overrides(cfg, overrides)
     return cfg
 
 
