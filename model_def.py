@@ -16,10 +16,14 @@ import logging
 import os
 import sys
 import time
+import warnings
 from pathlib import Path
 from typing import Any
 
 from utils.versions import check_versions
+
+# mmengine imports pkg_resources (hence setuptools<82); its deprecation notice is noise for users.
+warnings.filterwarnings("ignore", message="pkg_resources is deprecated", category=UserWarning)
 
 # Before mmdet is imported: on a wrong mmcv it fails with a bare assert.
 check_versions()
@@ -34,6 +38,7 @@ from mmengine.dataset import pseudo_collate  # noqa: E402
 from mmengine.runner import set_random_seed  # noqa: E402
 
 from utils import experiment  # noqa: E402
+from utils.check import check_experiment  # noqa: E402
 from utils.config import build_config, training_length  # noqa: E402
 from utils.data import GroupedBatchSampler, SeededDataset  # noqa: E402
 from utils.evaluation import CocoEvaluator  # noqa: E402
@@ -229,6 +234,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     parser.add_argument("experiment", nargs="?", help="experiment YAML (local runs)")
     parser.add_argument("--local", action="store_true", help="train here, without a cluster")
+    parser.add_argument(
+        "--check", action="store_true", help="check the experiment before submitting it, then exit"
+    )
     parser.add_argument("--max-batches", type=int, help="cap the training length (local)")
     parser.add_argument(
         "--set",
@@ -241,8 +249,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--resume", help="checkpoint folder of an earlier local run to continue")
     parser.add_argument("--report-every", type=int, default=20, help="batches per training report")
     args = parser.parse_args(argv)
-    if args.local and not args.experiment:
-        parser.error("--local needs an experiment YAML")
+    if (args.local or args.check) and not args.experiment:
+        parser.error("--local and --check need an experiment YAML")
     return args
 
 
@@ -302,6 +310,22 @@ def print_final_validation(metrics_path: Path) -> None:
     print(f"Checkpoints: {metrics_path.parent / 'determined'}  Metrics: {metrics_path}")
 
 
+def run_check(args: argparse.Namespace) -> int:
+    """Print what the experiment would train, or its problems; returns the exit status."""
+    exp_conf = experiment.load_experiment(args.experiment, args.set)
+    summary, problems = check_experiment(exp_conf)
+    print(f"{args.experiment}: {exp_conf.get('name', '')}")
+    for line in summary:
+        print(f"  {line}")
+    if problems:
+        print(f"{len(problems)} problem(s):")
+        for problem in problems:
+            print(f"  - {problem}")
+        return 1
+    print("OK: ready to submit with `det experiment create " + f"{args.experiment} .`")
+    return 0
+
+
 def run_on_cluster() -> None:
     info = det.get_cluster_info()
     with det.pytorch.init() as context:
@@ -318,6 +342,8 @@ def run_on_cluster() -> None:
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     logging.basicConfig(level=logging.INFO, format=det.LOG_FORMAT)
+    if args.check:
+        sys.exit(run_check(args))
     if args.local:
         run_local(args)
     elif det.get_cluster_info() is None:

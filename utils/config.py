@@ -19,6 +19,16 @@ from utils import synthetic
 
 logger = logging.getLogger(__name__)
 REPO_ROOT = Path(__file__).resolve().parent.parent
+# The hyperparameters the trial reads; anything else in an experiment is a typo or unused.
+KNOWN_HPARAMS = (
+    "config_file",
+    "merge_config",
+    "override_mmdet_config",
+    "global_batch_size",
+    "lr",
+    "weight_decay",
+    "momentum",
+)
 BACKENDS = ("synthetic", "disk")
 DISK_DEFAULTS = {
     "train_ann": "annotations/instances_train2017.json",
@@ -51,13 +61,16 @@ def resolve_config_path(name: str) -> Path:
     return path
 
 
-def build_config(hparams: dict[str, Any], data: dict[str, Any], slots: int = 1) -> Config:
+def build_config(
+    hparams: dict[str, Any], data: dict[str, Any], slots: int = 1, verify_paths: bool = True
+) -> Config:
     """The trial's config: `config_file`, `merge_config` on top, hyperparameters, data, overrides.
 
     Args:
         hparams: the trial's hyperparameters (`config_file`, `global_batch_size`, `lr`, ...).
         data: the experiment's `data` section (`backend`, paths).
         slots: processes sharing the global batch (`resources.slots_per_trial`).
+        verify_paths: check that the data's files exist (off for checks without the data).
     """
     if "config_file" not in hparams:
         raise ConfigError("hyperparameters.config_file is missing: name an mmdet config to train.")
@@ -66,7 +79,7 @@ def build_config(hparams: dict[str, Any], data: dict[str, Any], slots: int = 1) 
         extra = Config.fromfile(resolve_config_path(hparams["merge_config"]))
         cfg.merge_from_dict(extra.to_dict(), allow_list_keys=True)
     apply_hparams(cfg, hparams)
-    apply_data_section(cfg, data)
+    apply_data_section(cfg, data, verify_paths)
     global_batch = hparams.get("global_batch_size")
     if not isinstance(global_batch, int) or global_batch < 1:
         raise ConfigError(
@@ -177,8 +190,11 @@ def training_length(cfg: Config) -> tuple[int, str]:
     )
 
 
-def apply_data_section(cfg: Config, data: dict[str, Any]) -> None:
-    """Point the config's train/val datasets and evaluator at the data the experiment names."""
+def apply_data_section(cfg: Config, data: dict[str, Any], verify_paths: bool = True) -> None:
+    """Point the config's train/val datasets and evaluator at the data the experiment names.
+
+    `verify_paths=False` (for checks on a machine without the data) skips the existence checks.
+    """
     backend = data.get("backend", "disk")
     if backend == "synthetic":
         spec = synthetic.SyntheticSpec(**(data.get("synthetic") or {}))
@@ -205,16 +221,8 @@ def apply_data_section(cfg: Config, data: dict[str, Any]) -> None:
     for split in ("train", "val"):
         ann_file = root / layout[f"{split}_ann"]
         img_dir = root / layout[f"{split}_img_prefix"]
-        if not ann_file.is_file():
-            raise ConfigError(
-                f"data.{split}_ann: annotation file {ann_file} does not exist; check data.root and "
-                f"data.{split}_ann."
-            )
-        if not img_dir.is_dir():
-            raise ConfigError(
-                f"data.{split}_img_prefix: image folder {img_dir} does not exist; check data.root "
-                f"and data.{split}_img_prefix."
-            )
+        if verify_paths:
+            check_split_paths(split, ann_file, img_dir)
         dataset = base_dataset(cfg[f"{split}_dataloader"].dataset)
         dataset.data_root = str(root)
         dataset.ann_file = layout[f"{split}_ann"]
@@ -226,3 +234,17 @@ def apply_data_section(cfg: Config, data: dict[str, Any]) -> None:
         evaluator.ann_file = str(root / layout["val_ann"])
     if classes:
         set_num_classes(cfg.model, len(classes))
+
+
+def check_split_paths(split: str, ann_file: Path, img_dir: Path) -> None:
+    """Fail with the data key to fix when a split's annotation file or image folder is missing."""
+    if not ann_file.is_file():
+        raise ConfigError(
+            f"data.{split}_ann: annotation file {ann_file} does not exist; check data.root and "
+            f"data.{split}_ann."
+        )
+    if not img_dir.is_dir():
+        raise ConfigError(
+            f"data.{split}_img_prefix: image folder {img_dir} does not exist; check data.root "
+            f"and data.{split}_img_prefix."
+        )

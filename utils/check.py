@@ -1,0 +1,127 @@
+"""Pre-submission check of an experiment YAML, without a cluster and without the data.
+
+Resolves the mmdet config with every override, builds the model on the CPU (no weights), checks
+the hyperparameters the trial reads and the data section, and summarises what would run.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from mmdet.registry import DATASETS, MODELS
+from mmdet.utils import register_all_modules
+
+from utils.config import KNOWN_HPARAMS, ConfigError, base_dataset, build_config, resolve_config_path
+from utils.config import training_length as config_training_length
+from utils.experiment import ExperimentError, local_hparams, training_length
+
+NUMERIC = ("lr", "weight_decay", "momentum")
+
+
+def candidates(spec: Any) -> list[Any]:
+    """The values a hyperparameter can take (a range gives its two ends)."""
+    if not isinstance(spec, dict) or "type" not in spec:
+        return [spec]
+    kind = spec["type"]
+    if kind == "const":
+        return [spec.get("val")]
+    if kind == "categorical":
+        return list(spec.get("vals") or [])
+    if kind == "log":
+        base = spec.get("base", 10)
+        return [base ** spec.get("minval", 0), base ** spec.get("maxval", 0)]
+    return [spec.get("minval"), spec.get("maxval")]
+
+
+def hparam_problems(specs: dict[str, Any], slots: int) -> list[str]:
+    """Unknown names, wrong types, config files that do not resolve, batches that do not split."""
+    problems = []
+    for name, spec in specs.items():
+        if name not in KNOWN_HPARAMS:
+            known = ", ".join(KNOWN_HPARAMS)
+            problems.append(f"hyperparameters.{name} is not read by the trial; known: {known}.")
+            continue
+        for value in candidates(spec):
+            if name in ("config_file", "merge_config"):
+                if not isinstance(value, str):
+                    problems.append(f"hyperparameters.{name} must be a config path, not {value!r}.")
+                    continue
+                try:
+                    resolve_config_path(value)
+                except ConfigError as err:
+                    problems.append(str(err))
+            elif name == "global_batch_size":
+                if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                    problems.append(
+                        f"hyperparameters.global_batch_size {value!r} is not a positive int."
+                    )
+                elif value % slots:
+                    problems.append(
+                        f"hyperparameters.global_batch_size {value} does not divide by "
+                        f"resources.slots_per_trial {slots}: make it a multiple."
+                    )
+            elif name in NUMERIC and (
+                isinstance(value, bool) or not isinstance(value, int | float)
+            ):
+                problems.append(f"hyperparameters.{name} must be a number, not {value!r}.")
+            elif name == "override_mmdet_config" and not isinstance(value, dict):
+                problems.append(
+                    "hyperparameters.override_mmdet_config must map dotted keys to values."
+                )
+    return problems
+
+
+def check_experiment(exp: dict[str, Any]) -> tuple[list[str], list[str]]:
+    """Returns the summary lines and the problems found (none means ready to submit)."""
+    specs = exp.get("hyperparameters") or {}
+    data = exp.get("data") or {}
+    slots = (exp.get("resources") or {}).get("slots_per_trial", 1)
+    searcher = exp.get("searcher") or {}
+    problems = hparam_problems(specs, slots)
+    if data.get("backend", "disk") == "disk" and not data.get("root"):
+        problems.append("data.root is not set: name the folder that holds the COCO dataset.")
+    try:
+        length = training_length(searcher)
+        cfg = build_config(local_hparams(specs), data, slots, verify_paths=False)
+        register_all_modules(init_default_scope=True)
+        model = MODELS.build(cfg.model)
+    except (ConfigError, ExperimentError) as err:
+        # The same problem may be caught by both checks: report it once.
+        return [], list(dict.fromkeys([*problems, str(err)]))
+    except Exception as err:  # any build error of mmdet is a problem to report, not a crash
+        return [], [*problems, f"building the model failed: {type(err).__name__}: {err}"]
+
+    dataset = base_dataset(cfg.train_dataloader.dataset)
+    classes = (dataset.get("metainfo") or {}).get("classes") or DATASETS.get(dataset.type).METAINFO[
+        "classes"
+    ]
+    value, unit = length or config_training_length(cfg)
+    images = (
+        (data.get("synthetic") or {}).get("num_train")
+        if data.get("backend") == "synthetic"
+        else None
+    )
+    global_batch = cfg.train_dataloader.batch_size * slots
+    if unit == "epochs" and images:
+        length_text = f"{value} epochs = {value * -(-images // global_batch)} batches"
+    elif unit == "epochs":
+        length_text = f"{value} epochs (batches per epoch: training images / {global_batch})"
+    else:
+        length_text = f"{value} batches"
+    evaluators = cfg.val_evaluator if isinstance(cfg.val_evaluator, list) else [cfg.val_evaluator]
+    parameters = sum(p.numel() for p in model.parameters()) / 1e6
+    summary = [
+        f"model: {cfg.model.type}, {parameters:.1f} M parameters",
+        f"classes: {len(classes)} ({', '.join(classes[:5])}{', ...' if len(classes) > 5 else ''})",
+        f"metrics: {', '.join(str(m) for e in evaluators for m in _as_list(e.get('metric')))}",
+        f"batch: {global_batch} = {slots} slots x {cfg.train_dataloader.batch_size} per slot",
+        f"training length: {length_text}" + ("" if length else " (from the config's train_cfg)"),
+        f"data: {data.get('backend', 'disk')} {data.get('root', '')}".rstrip(),
+        f"searcher: {searcher.get('name')}, metric {searcher.get('metric')} "
+        f"({'smaller' if searcher.get('smaller_is_better', True) else 'larger'} is better)",
+    ]
+    return summary, problems
+
+
+def _as_list(value: Any) -> list[Any]:
+    return list(value) if isinstance(value, list | tuple) else [value]
