@@ -35,6 +35,7 @@ read -r -a FILES <<<"${ANNOTATION_FILES:-$DEFAULT_FILES}"
 for f in "${FILES[@]}"; do
     [[ $f != /* && /$f/ != */../* ]] || die "ANNOTATION_FILES: $f is not inside the data root"
 done
+[[ $URL =~ ^(https?|gs):// ]] || die "ANNOTATIONS_URL $URL: use an http://, https:// or gs:// URL"
 
 if [[ -z ${DATA_ROOT:-} ]]; then
     # user_data is the experiment's data section in trials and {} in other tasks (notebooks, ...).
@@ -42,7 +43,8 @@ if [[ -z ${DATA_ROOT:-} ]]; then
 info = det.get_cluster_info()
 data = info.user_data if info else {}
 print(data.get("backend", "disk") if info else "")
-print(data.get("root") or "")') || die "could not read the data section from Determined's cluster info"
+print(data.get("root") or "")') ||
+        die "could not read the experiment's data section from Determined's cluster info"
     mapfile -t lines <<<"$data"
     backend=${lines[0]-} DATA_ROOT=${lines[1]-}
     if [[ -z $backend ]]; then
@@ -93,8 +95,7 @@ done
 rm -rf "$DATA_ROOT"/.startup-hook-tmp.*
 TMP=$(mktemp -d "$DATA_ROOT/.startup-hook-tmp.XXXXXX")
 trap 'rm -rf "$TMP"' EXIT
-trap 'exit 130' INT
-trap 'exit 143' TERM
+trap 'exit 130' INT; trap 'exit 143' TERM  # so that the EXIT trap runs
 ZIP=$TMP/annotations.zip
 
 say "fetching ${MISSING[*]} from $URL"
@@ -108,7 +109,7 @@ bucket, _, blob = sys.argv[1].removeprefix("gs://").partition("/")
 storage.Client().bucket(bucket).blob(blob).download_to_filename(sys.argv[2])
 EOF
     ;;
-http://* | https://*)
+*)
     if command -v curl >/dev/null; then
         curl -fsSL --retry 3 --connect-timeout 30 -o "$ZIP" "$URL" ||
             die "could not download $URL (curl exit $?)"
@@ -127,7 +128,6 @@ except OSError as e:
 EOF
     fi
     ;;
-*) die "ANNOTATIONS_URL $URL: unsupported scheme (use http://, https:// or gs://)" ;;
 esac
 
 if [[ -n ${ANNOTATIONS_SHA256:-} ]]; then

@@ -137,3 +137,14 @@ def test_momentum_needs_an_optimizer_that_takes_it(tmp_path: Path, synthetic_dat
     assert cfg.optim_wrapper.optimizer == {"type": "AdamW", "lr": 2e-4}
     with pytest.raises(ConfigError, match="optimizer AdamW takes no momentum"):
         build_config(hparams(merge_config=str(adamw), momentum=0.9), synthetic_data)
+
+
+def test_auto_scale_lr_follows_the_global_batch(synthetic_data: dict) -> None:
+    # The COCO configs name base_batch_size 16 (8 GPUs x 2 images).
+    coco = {"config_file": "configs/maskrcnn_r50_fpn_1x_coco.py", "lr": 0.02}
+    scaled = build_config({**coco, "global_batch_size": 32, "auto_scale_lr": True}, synthetic_data)
+    assert scaled.optim_wrapper.optimizer.lr == pytest.approx(0.04)
+    single = build_config({**coco, "global_batch_size": 2, "auto_scale_lr": True}, synthetic_data)
+    assert single.optim_wrapper.optimizer.lr == pytest.approx(0.0025)
+    plain = build_config({**coco, "global_batch_size": 32}, synthetic_data)
+    assert plain.optim_wrapper.optimizer.lr == 0.02

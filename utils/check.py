@@ -16,6 +16,7 @@ from utils.config import training_length as config_training_length
 from utils.experiment import ExperimentError, local_hparams, training_length
 
 NUMERIC = ("lr", "weight_decay", "momentum")
+SEARCHER_KEYS = ("max_trials", "max_concurrent_trials", "time_metric", "max_time", "max_rungs")
 
 
 def candidates(spec: Any) -> list[Any]:
@@ -109,6 +110,7 @@ def check_experiment(exp: dict[str, Any]) -> tuple[list[str], list[str]]:
     else:
         length_text = f"{value} batches"
     evaluators = cfg.val_evaluator if isinstance(cfg.val_evaluator, list) else [cfg.val_evaluator]
+    optimizer = cfg.optim_wrapper.optimizer
     parameters = sum(p.numel() for p in model.parameters()) / 1e6
     summary = [
         f"model: {cfg.model.type}, {parameters:.1f} M parameters",
@@ -118,9 +120,19 @@ def check_experiment(exp: dict[str, Any]) -> tuple[list[str], list[str]]:
         f"training length: {length_text}" + ("" if length else " (from the config's train_cfg)"),
         f"data: {data.get('backend', 'disk')} {data.get('root', '')}".rstrip(),
         f"searcher: {searcher.get('name')}, metric {searcher.get('metric')} "
-        f"({'smaller' if searcher.get('smaller_is_better', True) else 'larger'} is better)",
+        f"({'smaller' if searcher.get('smaller_is_better', True) else 'larger'} is better)"
+        + "".join(f", {key} {searcher[key]}" for key in SEARCHER_KEYS if key in searcher),
+        f"optimizer: {optimizer.type}, lr {optimizer.lr:g}"
+        + (" (scaled to the global batch)" if specs.get("auto_scale_lr") else ""),
     ]
+    searched = [f"{k} ({v['type']})" for k, v in specs.items() if _is_searched(v)]
+    if searched:
+        summary.append(f"searched (a local run uses one value): {', '.join(searched)}")
     return summary, problems
+
+
+def _is_searched(spec: Any) -> bool:
+    return isinstance(spec, dict) and spec.get("type") not in (None, "const")
 
 
 def _as_list(value: Any) -> list[Any]:

@@ -28,6 +28,7 @@ KNOWN_HPARAMS = (
     "lr",
     "weight_decay",
     "momentum",
+    "auto_scale_lr",
 )
 BACKENDS = ("synthetic", "disk")
 DISK_DEFAULTS = {
@@ -91,6 +92,7 @@ def build_config(
             f"resources.slots_per_trial {slots}: make it a multiple."
         )
     cfg.train_dataloader.batch_size = global_batch // slots
+    scale_lr(cfg, global_batch, hparams.get("auto_scale_lr"))
     overrides = hparams.get("override_mmdet_config") or {}
     if "train_dataloader.batch_size" in overrides:
         raise ConfigError(
@@ -113,6 +115,32 @@ def apply_hparams(cfg: Config, hparams: dict[str, Any]) -> None:
                 "momentum; remove it or set the optimizer's own keys via override_mmdet_config."
             )
         optimizer[name] = float(hparams[name])
+
+
+def scale_lr(cfg: Config, global_batch: int, enable: bool | None) -> None:
+    """Linear LR scaling as mmengine's runner does it with the config's `auto_scale_lr`.
+
+    The hyperparameter `auto_scale_lr` (true/false) overrides the config's `enable`; the LR in the
+    config or in `lr` is then the one for `auto_scale_lr.base_batch_size` images per step.
+    """
+    auto = cfg.get("auto_scale_lr") or {}
+    if enable is not None:
+        auto = {**auto, "enable": bool(enable)}
+    if not auto.get("enable"):
+        return
+    if "base_batch_size" not in auto:
+        raise ConfigError(
+            "auto_scale_lr is enabled but the config has no auto_scale_lr.base_batch_size: "
+            "add it (mmdet's COCO configs use 16)."
+        )
+    ratio = global_batch / auto["base_batch_size"]
+    cfg.optim_wrapper.optimizer.lr *= ratio
+    logger.info(
+        "LR scaled by %d/%d to %g.",
+        global_batch,
+        auto["base_batch_size"],
+        cfg.optim_wrapper.optimizer.lr,
+    )
 
 
 def apply_overrides(cfg: Config, overrides: dict[str, Any]) -> None:
