@@ -120,11 +120,13 @@ class MMDetTrial(pytorch.PyTorchTrial):
         loader_cfg = self.cfg.train_dataloader
         # On a cluster Determined skips the batches a resumed trial already trained; its local
         # mode restarts the data from the beginning, so local resumes skip them here.
+        replicas = self.context.distributed.get_size()
         sampler = GroupedBatchSampler(
             self.train_dataset,
             self.context.get_per_slot_batch_size(),
             seed=self.seed,
-            skip=self.resumed_batches * self.context.distributed.get_size(),
+            num_replicas=replicas,
+            skip=self.resumed_batches * replicas,
         )
         return pytorch.DataLoader(
             SeededDataset(self.train_dataset, self.seed),

@@ -29,14 +29,15 @@ else
   FORCE_CUDA=0 # nvcc may exist without a GPU: build CPU ops explicitly.
   variant=cpu
 fi
-wheel_dir="$MMCV_WHEEL_CACHE/mmcv-$MMCV_VERSION-torch$torch_tag-$variant"
+py_tag=$("$VENV/bin/python" -c 'import sys; print(f"cp{sys.version_info[0]}{sys.version_info[1]}")')
+wheel_dir="$MMCV_WHEEL_CACHE/mmcv-$MMCV_VERSION-$py_tag-torch$torch_tag-$variant"
 
 if ! "$VENV/bin/python" - "$MMCV_VERSION" "$FORCE_CUDA" <<'PY' 2>/dev/null; then
 import sys, importlib.metadata as md
 assert md.version("mmcv") == sys.argv[1]
-from mmcv.ops import nms  # compiled ops present
-import mmcv.ops, torch
-assert sys.argv[2] == "0" or torch.cuda.is_available()
+from mmcv.ops import get_compiling_cuda_version  # fails without compiled ops
+# CUDA ops exactly when asked for: a CPU-only build on a GPU machine gets rebuilt.
+assert (get_compiling_cuda_version() != "not available") == (sys.argv[2] == "1")
 PY
   if ! ls "$wheel_dir"/mmcv-"$MMCV_VERSION"-*.whl >/dev/null 2>&1; then
     echo "Building mmcv $MMCV_VERSION with ops ($variant); the wheel is cached in $wheel_dir"

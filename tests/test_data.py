@@ -71,6 +71,20 @@ def test_skip_resumes_the_repeated_stream(skip: int) -> None:
     assert len(resumed) == 12 - skip % 6
 
 
+@pytest.mark.parametrize("replicas", [2, 3])
+def test_ranks_share_each_global_batch(replicas: int) -> None:
+    """Round-robin dealing of the slices gives every step the single-process global batch."""
+    single = GroupedBatchSampler(Shapes(SIZES), batch_size=2 * replicas, seed=0)
+    sliced = GroupedBatchSampler(Shapes(SIZES), batch_size=2, seed=0, num_replicas=replicas)
+    batches, slices = list(single), list(sliced)
+    assert len(slices) == len(sliced) == len(batches) * replicas
+    for step, batch in enumerate(batches):
+        per_rank = slices[step * replicas : (step + 1) * replicas]
+        assert len({len(s) for s in per_rank}) == 1  # equal slices, padded at the end
+        merged = [key for s in per_rank for key in s]
+        assert set(merged) == set(batch) and merged[: len(batch)] == batch
+
+
 @pytest.mark.parametrize("batch_size", [1, 5, 21, 30])
 def test_length_is_ceil_of_size_over_batch(batch_size: int) -> None:
     sampler = GroupedBatchSampler(Shapes(SIZES), batch_size=batch_size, seed=0)

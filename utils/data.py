@@ -11,49 +11,65 @@ from torch.utils.data import Dataset, Sampler
 
 
 class GroupedBatchSampler(Sampler[list[tuple[int, int]]]):
-    """Shuffled batches of images with the same orientation (landscape or portrait).
+    """Shuffled global batches of images with the same orientation, cut into per-rank slices.
 
     Like mmdet's AspectRatioBatchSampler, but each pass is a function of (seed, pass number), so a
-    training engine can repeat it, shard whole batches across ranks and skip the batches already
-    trained when a run resumes. It yields `(pass, index)` keys for `SeededDataset`.
+    training engine can repeat it, hand consecutive slices to ranks 0..N-1 (Determined deals whole
+    batches round-robin) and skip the batches already trained when a run resumes. Every optimizer
+    step then sees the same images whatever the number of ranks. It yields `(pass, index)` keys
+    for `SeededDataset`.
 
     Args:
         dataset: an mmdet dataset (`get_data_info(i)` gives `width` and `height`).
-        batch_size: images per batch.
+        batch_size: images per rank and step.
         seed: the run's seed.
-        skip: batches of the repeated stream to skip first, for resumes the engine does not skip.
+        num_replicas: ranks sharing each global batch.
+        skip: slices of the repeated stream to skip first, for resumes the engine does not skip.
     """
 
-    def __init__(self, dataset: Dataset, batch_size: int, seed: int, skip: int = 0) -> None:
+    def __init__(
+        self, dataset: Dataset, batch_size: int, seed: int, num_replicas: int = 1, skip: int = 0
+    ) -> None:
         self.batch_size = batch_size
+        self.num_replicas = num_replicas
         self.seed = seed
         infos = [dataset.get_data_info(i) for i in range(len(dataset))]
         self.portrait = np.array([info["height"] > info["width"] for info in infos])
         self.passes, self.skip = divmod(skip, len(self))
 
     def __len__(self) -> int:
-        return -(-len(self.portrait) // self.batch_size)
+        global_batch = self.batch_size * self.num_replicas
+        return -(-len(self.portrait) // global_batch) * self.num_replicas
 
     def __iter__(self) -> Iterator[list[tuple[int, int]]]:
-        batches = self.batches_of_pass(self.passes)
+        slices = self.slices_of_pass(self.passes)
         self.passes += 1
         skip, self.skip = self.skip, 0
-        yield from batches[skip:]
+        yield from slices[skip:]
 
-    def batches_of_pass(self, this_pass: int) -> list[list[tuple[int, int]]]:
+    def slices_of_pass(self, this_pass: int) -> list[list[tuple[int, int]]]:
+        """The pass's global batches, each cut into `num_replicas` consecutive slices."""
+        global_batch = self.batch_size * self.num_replicas
         order = np.random.default_rng([self.seed, this_pass]).permutation(len(self.portrait))
         batches: list[list[tuple[int, int]]] = []
         buckets: tuple[list[tuple[int, int]], ...] = ([], [])
         for index in order:
             bucket = buckets[int(self.portrait[index])]
             bucket.append((this_pass, int(index)))
-            if len(bucket) == self.batch_size:
+            if len(bucket) == global_batch:
                 batches.append(bucket.copy())
                 bucket.clear()
         # The leftovers of both orientations fill the pass's last batches, as mmdet does.
         rest = buckets[0] + buckets[1]
-        batches += [rest[i : i + self.batch_size] for i in range(0, len(rest), self.batch_size)]
-        return batches
+        batches += [rest[i : i + global_batch] for i in range(0, len(rest), global_batch)]
+        slices = []
+        for batch in batches:
+            # A short last batch is padded by repeating its images so that every rank gets a
+            # slice of the same size, as torch's DistributedSampler pads.
+            size = -(-len(batch) // self.num_replicas)
+            batch = (batch * self.num_replicas)[: size * self.num_replicas]
+            slices += [batch[r * size : (r + 1) * size] for r in range(self.num_replicas)]
+        return slices
 
 
 class SeededDataset(Dataset):
