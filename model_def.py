@@ -140,9 +140,18 @@ class MMDetTrial(pytorch.PyTorchTrial):
 
     def build_validation_data_loader(self) -> pytorch.DataLoader:
         loader_cfg = self.cfg.val_dataloader
+        replicas = self.context.distributed.get_size()
+        if len(self.val_dataset) < replicas:
+            raise ValueError(
+                f"The validation set has {len(self.val_dataset)} images, fewer than the "
+                f"{replicas} slots that share it: use a larger set or fewer slots."
+            )
+        # Determined deals whole batches to ranks and refuses a rank without any: keep the
+        # batches small enough that every rank gets one.
+        batch_size = min(loader_cfg.get("batch_size", 1), -(-len(self.val_dataset) // replicas))
         return pytorch.DataLoader(
             self.val_dataset,
-            batch_size=loader_cfg.get("batch_size", 1),
+            batch_size=batch_size,
             shuffle=False,
             num_workers=loader_cfg.get("num_workers", 0),
             persistent_workers=loader_cfg.get("num_workers", 0) > 0,
@@ -256,8 +265,23 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return args
 
 
+def local_distributed() -> det.core.DistributedContext | None:
+    """Under `torchrun`, the process group and Determined's distributed context; else None."""
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+        return None
+    # Determined 0.38's local mode neither starts the process group nor picks torch for it.
+    os.environ["USE_TORCH_DISTRIBUTED"] = "1"
+    if torch.cuda.is_available():
+        torch.cuda.set_device(int(os.environ["LOCAL_RANK"]))
+    torch.distributed.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+    return det.core.DistributedContext.from_torch_distributed()
+
+
 def run_local(args: argparse.Namespace) -> Path:
-    """Train on this machine with Determined's Trainer; returns the path of `metrics.jsonl`."""
+    """Train on this machine with Determined's Trainer; returns the path of `metrics.jsonl`.
+
+    One process, or one per slot under `torchrun --nproc_per_node=N model_def.py ... --local`.
+    """
     exp_conf = experiment.load_experiment(args.experiment, args.set)
     hparams = experiment.local_hparams(exp_conf.get("hyperparameters") or {})
     output = Path(args.output).resolve()
@@ -271,12 +295,17 @@ def run_local(args: argparse.Namespace) -> Path:
         if not (resume / "metadata.json").is_file():
             raise SystemExit(f"--resume {args.resume}: not a checkpoint folder (no metadata.json).")
         storage.mkdir(exist_ok=True)
-        if resume.parent != storage and not (storage / resume.name).exists():
-            (storage / resume.name).symlink_to(resume, target_is_directory=True)
+        if resume.parent != storage:
+            try:
+                (storage / resume.name).symlink_to(resume, target_is_directory=True)
+            except FileExistsError:  # an earlier resume, or another rank, linked it already
+                pass
         latest = resume.name
         resumed_batches = json.loads((resume / "metadata.json").read_text())["steps_completed"]
     metrics_path = output / "metrics.jsonl"
-    with det.pytorch.init(hparams=hparams, exp_conf=exp_conf) as context:
+    distributed = local_distributed()
+    chief = distributed is None or distributed.rank == 0
+    with det.pytorch.init(hparams=hparams, exp_conf=exp_conf, distributed=distributed) as context:
         # Local TensorBoard files: Determined would write them to ./runs of the working directory.
         context._core.train._tbd_directory = output / "tensorboard"
         trial = MMDetTrial(context, resumed_batches=resumed_batches)
@@ -285,7 +314,8 @@ def run_local(args: argparse.Namespace) -> Path:
             if args.max_batches is None
             else min(args.max_batches, trial.max_batches)
         )
-        trial.callbacks["local_report"] = LocalReport(metrics_path, length)
+        if chief:
+            trial.callbacks["local_report"] = LocalReport(metrics_path, length)
         period = pytorch.Batch(min(trial.validation_batches, length))
         det.pytorch.Trainer(trial, context).fit(
             max_length=pytorch.Batch(length),
@@ -294,11 +324,17 @@ def run_local(args: argparse.Namespace) -> Path:
             reporting_period=pytorch.Batch(args.report_every),
             latest_checkpoint=latest,
         )
-    print_final_validation(metrics_path)
+    if distributed is not None:
+        torch.distributed.destroy_process_group()
+    if chief:
+        print_final_validation(metrics_path)
     return metrics_path
 
 
 def print_final_validation(metrics_path: Path) -> None:
+    if not metrics_path.is_file():
+        print("Nothing was trained: the run had already reached its length.")
+        return
     records = [json.loads(line) for line in metrics_path.read_text().splitlines()]
     validations = [r for r in records if r["kind"] == "validation"]
     if not validations:
