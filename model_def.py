@@ -164,8 +164,13 @@ class MMDetTrial(pytorch.PyTorchTrial):
         losses = self.model(**data, mode="loss")
         loss, log_vars = self.detector.parse_losses(losses)
         if not torch.isfinite(loss):
+            # Stop before the step: the last checkpoint keeps the last good weights.
             terms = ", ".join(f"{k}={v.item():.4g}" for k, v in log_vars.items())
-            raise RuntimeError(f"Loss is not finite at batch {batch_idx} ({terms}); stopping.")
+            batch_number = batch_idx + self.resumed_batches + 1
+            raise RuntimeError(
+                f"The loss is not finite at batch {batch_number} ({terms}): stopping. Lower the "
+                "LR or enable optim_wrapper.clip_grad, and resume from the last checkpoint."
+            )
         self.context.backward(loss)
         metrics = {name: value.item() for name, value in log_vars.items()}
         if self.clip_grad:

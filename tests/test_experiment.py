@@ -75,3 +75,12 @@ def test_every_experiment_yaml_loads() -> None:
         hparams = local_hparams(config["hyperparameters"])
         assert (REPO / hparams["config_file"]).is_file(), path
         assert config["searcher"]["metric"] == "bbox_mAP", path
+
+
+def test_mmdet_mappings_with_type_are_wrapped_in_const() -> None:
+    overrides = {"a.b": {"type": "const", "val": {"type": "Resize", "scale": [64, 64]}}, "c": 1}
+    assert local_hparams({"override_mmdet_config": overrides}) == {
+        "override_mmdet_config": {"a.b": {"type": "Resize", "scale": [64, 64]}, "c": 1}
+    }
+    with pytest.raises(ExperimentError, match=r"wrap an mmdet config mapping as \{type: const"):
+        local_hparams({"override_mmdet_config": {"a.b": {"type": "Resize"}}})

@@ -14,6 +14,7 @@ import struct
 import threading
 import time
 from collections import Counter
+from collections.abc import Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from urllib.parse import unquote, urlsplit
@@ -121,7 +122,7 @@ def _free_port() -> int:
 
 
 @pytest.fixture(scope="module")
-def emulator() -> str:
+def emulator() -> Iterator[str]:
     from gcp_storage_emulator.server import create_server
 
     port = _free_port()
@@ -148,7 +149,7 @@ def local(emulator: str, tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 @pytest.fixture
-def proxy(emulator: str, local: Path, monkeypatch: pytest.MonkeyPatch) -> FaultProxy:
+def proxy(emulator: str, local: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[FaultProxy]:
     server = FaultProxy(emulator)
     thread = threading.Thread(target=server.serve_forever, args=(0.05,), daemon=True)
     thread.start()
@@ -357,3 +358,10 @@ def test_local_paths_and_join(tmp_path: Path) -> None:
     assert fileio.join_path("gs://b/p", "train", "x.png") == "gs://b/p/train/x.png"
     with pytest.raises(ValueError, match="gs://bucket/object"):
         gcs.split_path("gs://only-bucket")
+
+
+def test_missing_credentials(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    monkeypatch.delenv("STORAGE_EMULATOR_HOST", raising=False)
+    monkeypatch.setenv("GOOGLE_APPLICATION_CREDENTIALS", str(tmp_path / "missing.json"))
+    with pytest.raises(gcs.GCSPermissionError, match="no Google Cloud credentials"):
+        fileio.get("gs://some-bucket/a.png", backend_args=FAST)

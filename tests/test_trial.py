@@ -6,7 +6,10 @@ import json
 import math
 from pathlib import Path
 
+import numpy as np
 import pytest
+from mmcv.transforms import BaseTransform
+from mmdet.registry import TRANSFORMS
 
 import model_def
 from tests.conftest import TINY_SYNTHETIC
@@ -14,6 +17,15 @@ from tests.conftest import TINY_SYNTHETIC
 REPO = Path(__file__).resolve().parent.parent
 COCO_NAMES = ("mAP", "mAP_50", "mAP_75", "mAP_s", "mAP_m", "mAP_l", "AR_100", "AR_300", "AR_1000")
 COCO_NAMES += ("AR_s_1000", "AR_m_1000", "AR_l_1000")
+
+
+@TRANSFORMS.register_module(force=True)
+class NanImage(BaseTransform):
+    """Test-only transform: a NaN image, as corrupt data or a diverging model would produce."""
+
+    def transform(self, results: dict) -> dict:
+        results["img"] = np.full(results["img"].shape, np.nan, dtype=np.float32)
+        return results
 
 
 def run(output: Path, cache: Path, config: str, *extra: str) -> list[dict]:
@@ -135,3 +147,32 @@ def test_coco_experiments_run_locally_on_generated_data(
     assert math.isfinite(records[0]["metrics"]["loss"])
     assert {f"bbox_{n}" for n in COCO_NAMES} <= set(records[1]["metrics"])
     assert records[1]["metrics"]["num_images"] == 2
+
+
+def test_non_finite_loss_stops_and_keeps_the_last_checkpoint(
+    tmp_path: Path, synthetic_cache: Path
+) -> None:
+    config = "retinanet_r18_fpn_synthetic"
+    run(tmp_path / "good", synthetic_cache, config, "--max-batches", "2")
+    (checkpoint,) = (tmp_path / "good" / "determined").iterdir()
+    before = {p: p.stat().st_mtime_ns for p in checkpoint.rglob("*") if p.is_file()}
+    # An mmdet mapping with a `type` key is wrapped in const, as Determined requires.
+    poison = (
+        "hyperparameters.override_mmdet_config="
+        "{train_dataloader.dataset.pipeline.3: {type: const, val: {type: NanImage}}}"
+    )
+    with pytest.raises(RuntimeError, match=r"not finite at batch 3 \(loss=nan, loss_cls=") as err:
+        run(
+            tmp_path / "bad",
+            synthetic_cache,
+            config,
+            "--max-batches",
+            "4",
+            "--resume",
+            str(checkpoint),
+            "--set",
+            poison,
+        )
+    assert "resume from the last checkpoint" in str(err.value)
+    assert {p: p.stat().st_mtime_ns for p in checkpoint.rglob("*") if p.is_file()} == before
+    assert [p.name for p in (tmp_path / "bad" / "determined").iterdir()] == [checkpoint.name]

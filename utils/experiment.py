@@ -81,7 +81,8 @@ def _resolve(name: str, spec: Any) -> Any:
     else:
         raise ExperimentError(
             f"hyperparameters.{name}: unknown type {kind!r}; use const, int, double, log or "
-            "categorical."
+            "categorical. Determined reads any mapping with a 'type' key as a hyperparameter: "
+            "wrap an mmdet config mapping as {type: const, val: {...}}."
         )
     logger.warning(
         "hyperparameters.%s is searched (%s); this local run uses %r.", name, kind, value

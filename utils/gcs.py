@@ -163,8 +163,10 @@ def _permanent_error(exc: Exception, bucket: str, name: str) -> GCSError | None:
             f"forbidden: the credentials of this container cannot read bucket {bucket} ({uri}); "
             "grant its service account roles/storage.objectViewer on the bucket."
         )
+    # DefaultCredentialsError: also what refreshing unusable credentials raises.
+    bad_credentials = (auth_exceptions.RefreshError, auth_exceptions.DefaultCredentialsError)
     if isinstance(exc, api_exceptions.Unauthorized) or (
-        isinstance(exc, auth_exceptions.RefreshError) and not getattr(exc, "retryable", False)
+        isinstance(exc, bad_credentials) and not getattr(exc, "retryable", False)
     ):
         return GCSPermissionError(
             f"bad or missing Google Cloud credentials for {uri} ({exc}); run on a node with a "
