@@ -6,7 +6,8 @@ from pathlib import Path
 import pytest
 from mmengine.config import Config
 
-from utils.config import ConfigError, build_config, drop_pretrained, resolve_config_path
+from utils.config import ConfigError, build_config, resolve_config_path
+from utils.datasource import DataError, drop_pretrained
 from utils.experiment import load_experiment, local_hparams
 
 REPO = Path(__file__).resolve().parent.parent
@@ -85,35 +86,48 @@ def test_bad_hyperparameters_are_explained(
 
 def test_unknown_backend_is_named() -> None:
     with pytest.raises(
-        ConfigError, match="data.backend 's4' is unknown; use one of synthetic, disk"
+        DataError, match="data.backend 's4' is unknown; use one of synthetic, disk, gcs"
     ):
         build_config(hparams(), {"backend": "s4"})
 
 
 def test_disk_backend_needs_root_and_annotation_files(tmp_path: Path) -> None:
-    with pytest.raises(ConfigError, match="data.root is not set"):
+    with pytest.raises(DataError, match="data.root is not set"):
         build_config(hparams(), {"backend": "disk"})
-    with pytest.raises(ConfigError, match=r"data.train_ann: annotation file .*instances_train2017"):
+    with pytest.raises(DataError, match=r"data.train_ann: annotation file .*instances_train2017"):
         build_config(hparams(), {"backend": "disk", "root": str(tmp_path)})
 
 
-def test_disk_backend_with_custom_layout(tmp_path: Path) -> None:
+def custom_layout(root: Path) -> dict:
+    categories = [{"id": 7, "name": "dog"}, {"id": 2, "name": "cat"}]  # not contiguous
     for split in ("train", "val"):
-        (tmp_path / f"{split}_images").mkdir()
-        (tmp_path / f"{split}.json").write_text(json.dumps({"images": [], "annotations": []}))
-    data = {
+        (root / f"{split}_images").mkdir()
+        ann = {"images": [], "annotations": [], "categories": categories}
+        (root / f"{split}.json").write_text(json.dumps(ann))
+    return {
         "backend": "disk",
-        "root": str(tmp_path),
+        "root": str(root),
         "train_ann": "train.json",
         "val_ann": "val.json",
         "train_img_prefix": "train_images/",
         "val_img_prefix": "val_images/",
-        "classes": ["cat", "dog"],
     }
-    cfg = build_config(hparams(), data)
+
+
+def test_disk_backend_with_custom_layout_reads_classes(tmp_path: Path) -> None:
+    cfg = build_config(hparams(), custom_layout(tmp_path))
     assert cfg.val_dataloader.dataset.data_prefix == {"img": "val_images/"}
     assert cfg.val_evaluator.ann_file == str(tmp_path / "val.json")
+    assert cfg.train_dataloader.dataset.metainfo == {"classes": ("cat", "dog")}  # by category id
     assert cfg.model.roi_head.bbox_head.num_classes == 2
+    assert cfg.model.roi_head.mask_head.num_classes == 2
+
+
+def test_classes_must_exist_in_the_annotation_file(tmp_path: Path) -> None:
+    data = {**custom_layout(tmp_path), "classes": ["dog"]}
+    assert build_config(hparams(), data).model.roi_head.bbox_head.num_classes == 1
+    with pytest.raises(DataError, match=r"data.classes names \['cow'\] that .*val.json does not"):
+        build_config(hparams(), {**data, "classes": ["dog", "cow"]})
 
 
 @pytest.mark.parametrize("name", ["maskrcnn", "retinanet", "gfl"])

@@ -365,3 +365,59 @@ def test_missing_credentials(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) ->
     monkeypatch.setenv("GOOGLE_APPLICATION_CREDENTIALS", str(tmp_path / "missing.json"))
     with pytest.raises(gcs.GCSPermissionError, match="no Google Cloud credentials"):
         fileio.get("gs://some-bucket/a.png", backend_args=FAST)
+
+
+def test_training_from_the_bucket_matches_disk(
+    proxy: FaultProxy, local: Path, tmp_path: Path
+) -> None:
+    """A short training and validation read through GCS (with injected faults) equals disk."""
+    import model_def
+
+    layout = {
+        "train_ann": "annotations/instances_train.json",
+        "val_ann": "annotations/instances_val.json",
+        "train_img_prefix": "train/",
+        "val_img_prefix": "val/",
+    }
+    sources = {
+        "disk": {"backend": "disk", "root": str(local), **layout},
+        "gcs": {"backend": "gcs", "bucket": BUCKET, "prefix": PREFIX, **layout},
+    }
+    images = _images(local)
+    faults = {images[0]: [503, 503], images[5]: ["reset"], images[-1]: [503]}
+    for rel, actions in faults.items():
+        proxy.faults[f"{BUCKET}/{PREFIX}/{rel}"] = list(actions)
+    records = {}
+    for name, data in sources.items():
+        output = tmp_path / name
+        model_def.main(
+            [
+                str(Path(__file__).resolve().parent.parent / "experiments" / "demo.yaml"),
+                "--local",
+                "--output",
+                str(output),
+                "--max-batches",
+                "2",
+                "--report-every",
+                "1",
+                "--set",
+                "hyperparameters.config_file=configs/synthetic/retinanet_r18_fpn_synthetic.py",
+                "--set",
+                "hyperparameters.global_batch_size=4",
+                "--set",
+                # In-process loading, so this process's counters see every read.
+                "hyperparameters.override_mmdet_config="
+                "{train_dataloader.num_workers: 0, val_dataloader.num_workers: 0}",
+                "--set",
+                f"data={json.dumps({**data, 'cache_dir': str(tmp_path / 'cache')})}",
+            ]
+        )
+        lines = (output / "metrics.jsonl").read_text().splitlines()
+        records[name] = [(r["kind"], r["batches"], r["metrics"]) for r in map(json.loads, lines)]
+    assert records["gcs"] == records["disk"]
+    assert [kind for kind, _, _ in records["gcs"]] == ["training", "training", "validation"]
+    # 2 batches of 4 training images and the 4 validation images, each read once, despite faults.
+    assert gcs.stats().objects_read == 12
+    assert gcs.stats().retries == 4
+    served = [proxy.served[f"{BUCKET}/{PREFIX}/{rel}"] for rel in images]
+    assert sum(served) == 12 and max(served) == 1

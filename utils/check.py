@@ -11,8 +11,9 @@ from typing import Any
 from mmdet.registry import DATASETS, MODELS
 from mmdet.utils import register_all_modules
 
-from utils.config import KNOWN_HPARAMS, ConfigError, base_dataset, build_config, resolve_config_path
+from utils.config import KNOWN_HPARAMS, ConfigError, build_config, resolve_config_path
 from utils.config import training_length as config_training_length
+from utils.datasource import DataError, base_dataset
 from utils.experiment import ExperimentError, local_hparams, training_length
 
 NUMERIC = ("lr", "weight_decay", "momentum")
@@ -86,7 +87,7 @@ def check_experiment(exp: dict[str, Any]) -> tuple[list[str], list[str]]:
         cfg = build_config(local_hparams(specs), data, slots, verify_paths=False)
         register_all_modules(init_default_scope=True)
         model = MODELS.build(cfg.model)
-    except (ConfigError, ExperimentError) as err:
+    except (ConfigError, DataError, ExperimentError) as err:
         # The same problem may be caught by both checks: report it once.
         return [], list(dict.fromkeys([*problems, str(err)]))
     except Exception as err:  # any build error of mmdet is a problem to report, not a crash

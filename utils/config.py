@@ -9,13 +9,12 @@ from __future__ import annotations
 import difflib
 import importlib.util
 import logging
-import os
 from pathlib import Path
 from typing import Any
 
 from mmengine.config import Config, ConfigDict
 
-from utils import synthetic
+from utils.datasource import apply_data_section
 
 logger = logging.getLogger(__name__)
 REPO_ROOT = Path(__file__).resolve().parent.parent
@@ -30,14 +29,6 @@ KNOWN_HPARAMS = (
     "momentum",
     "auto_scale_lr",
 )
-BACKENDS = ("synthetic", "disk")
-DISK_DEFAULTS = {
-    "train_ann": "annotations/instances_train2017.json",
-    "val_ann": "annotations/instances_val2017.json",
-    "train_img_prefix": "train2017/",
-    "val_img_prefix": "val2017/",
-}
-DEFAULT_CACHE = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "mmdet-determined"
 
 
 class ConfigError(ValueError):
@@ -169,42 +160,6 @@ def apply_overrides(cfg: Config, overrides: dict[str, Any]) -> None:
         parent[leaf] = ConfigDict(value) if isinstance(value, dict) else value
 
 
-def set_num_classes(model_cfg: Any, num_classes: int) -> int:
-    """Set every `num_classes` in the model config (all heads); return how many were set."""
-    count = 0
-    if isinstance(model_cfg, dict):
-        for key, value in model_cfg.items():
-            if key == "num_classes":
-                model_cfg[key] = num_classes
-                count += 1
-            else:
-                count += set_num_classes(value, num_classes)
-    elif isinstance(model_cfg, (list, tuple)):
-        count += sum(set_num_classes(item, num_classes) for item in model_cfg)
-    return count
-
-
-def drop_pretrained(model_cfg: Any) -> int:
-    """Remove every `init_cfg` of type Pretrained from the model config; return how many."""
-    count = 0
-    if isinstance(model_cfg, dict):
-        init_cfg = model_cfg.get("init_cfg")
-        if isinstance(init_cfg, dict) and init_cfg.get("type") == "Pretrained":
-            model_cfg["init_cfg"] = None
-            count += 1
-        count += sum(drop_pretrained(v) for k, v in model_cfg.items() if k != "init_cfg")
-    elif isinstance(model_cfg, (list, tuple)):
-        count += sum(drop_pretrained(item) for item in model_cfg)
-    return count
-
-
-def base_dataset(dataset_cfg: ConfigDict) -> ConfigDict:
-    """The innermost dataset of wrappers such as RepeatDataset or ClassBalancedDataset."""
-    while "ann_file" not in dataset_cfg and "dataset" in dataset_cfg:
-        dataset_cfg = dataset_cfg.dataset
-    return dataset_cfg
-
-
 def training_length(cfg: Config) -> tuple[int, str]:
     """The config's `train_cfg` length: `(max_epochs, "epochs")` or `(max_iters, "batches")`."""
     train_cfg = cfg.get("train_cfg") or {}
@@ -216,63 +171,3 @@ def training_length(cfg: Config) -> tuple[int, str]:
         "The config's train_cfg names no max_epochs or max_iters, and the experiment's searcher no "
         "max_time: set one of them."
     )
-
-
-def apply_data_section(cfg: Config, data: dict[str, Any], verify_paths: bool = True) -> None:
-    """Point the config's train/val datasets and evaluator at the data the experiment names.
-
-    `verify_paths=False` (for checks on a machine without the data) skips the existence checks.
-    """
-    backend = data.get("backend", "disk")
-    if backend == "synthetic":
-        spec = synthetic.SyntheticSpec(**(data.get("synthetic") or {}))
-        root = synthetic.ensure_dataset(Path(data.get("cache_dir") or DEFAULT_CACHE), spec)
-        layout = {
-            "train_ann": "annotations/instances_train.json",
-            "val_ann": "annotations/instances_val.json",
-            "train_img_prefix": "train/",
-            "val_img_prefix": "val/",
-        }
-        classes = list(synthetic.CLASSES)
-        # Generated shapes need no ImageNet features, and tests and demos must not download.
-        if drop_pretrained(cfg.model):
-            logger.warning("data.backend=synthetic: the model's pretrained weights are not loaded.")
-    elif backend == "disk":
-        if not data.get("root"):
-            raise ConfigError("data.root is not set: name the folder that holds the COCO dataset.")
-        root = Path(data["root"]).expanduser()
-        layout = {key: data.get(key, default) for key, default in DISK_DEFAULTS.items()}
-        classes = data.get("classes")
-    else:
-        raise ConfigError(f"data.backend {backend!r} is unknown; use one of {', '.join(BACKENDS)}.")
-
-    for split in ("train", "val"):
-        ann_file = root / layout[f"{split}_ann"]
-        img_dir = root / layout[f"{split}_img_prefix"]
-        if verify_paths:
-            check_split_paths(split, ann_file, img_dir)
-        dataset = base_dataset(cfg[f"{split}_dataloader"].dataset)
-        dataset.data_root = str(root)
-        dataset.ann_file = layout[f"{split}_ann"]
-        dataset.data_prefix = dict(img=layout[f"{split}_img_prefix"])
-        if classes:
-            dataset.metainfo = dict(classes=tuple(classes))
-    evaluators = cfg.val_evaluator if isinstance(cfg.val_evaluator, list) else [cfg.val_evaluator]
-    for evaluator in evaluators:
-        evaluator.ann_file = str(root / layout["val_ann"])
-    if classes:
-        set_num_classes(cfg.model, len(classes))
-
-
-def check_split_paths(split: str, ann_file: Path, img_dir: Path) -> None:
-    """Fail with the data key to fix when a split's annotation file or image folder is missing."""
-    if not ann_file.is_file():
-        raise ConfigError(
-            f"data.{split}_ann: annotation file {ann_file} does not exist; check data.root and "
-            f"data.{split}_ann."
-        )
-    if not img_dir.is_dir():
-        raise ConfigError(
-            f"data.{split}_img_prefix: image folder {img_dir} does not exist; check data.root "
-            f"and data.{split}_img_prefix."
-        )
