@@ -176,3 +176,71 @@ def test_non_finite_loss_stops_and_keeps_the_last_checkpoint(
     assert "resume from the last checkpoint" in str(err.value)
     assert {p: p.stat().st_mtime_ns for p in checkpoint.rglob("*") if p.is_file()} == before
     assert [p.name for p in (tmp_path / "bad" / "determined").iterdir()] == [checkpoint.name]
+
+
+def test_custom_coco_with_gaps_in_category_ids(tmp_path: Path, synthetic_cache: Path) -> None:
+    """Category ids 3, 7, 11, a crowd region and an image without objects: trains and validates."""
+    from utils.synthetic import SyntheticSpec, ensure_dataset
+
+    source = ensure_dataset(synthetic_cache, SyntheticSpec(**TINY_SYNTHETIC))
+    root = tmp_path / "custom"
+    ids = {1: 3, 2: 7, 3: 11}
+    for split in ("train", "val"):
+        (root / "annotations").mkdir(parents=True, exist_ok=True)
+        (root / "images" / split).mkdir(parents=True)
+        ann = json.loads((source / "annotations" / f"instances_{split}.json").read_text())
+        for category in ann["categories"]:
+            category["id"] = ids[category["id"]]
+        for annotation in ann["annotations"]:
+            annotation["category_id"] = ids[annotation["category_id"]]
+        ann["annotations"][0]["iscrowd"] = 1
+        # The last image keeps its file but loses its objects.
+        last = ann["images"][-1]["id"]
+        ann["annotations"] = [a for a in ann["annotations"] if a["image_id"] != last]
+        for image in ann["images"]:
+            (root / "images" / split / image["file_name"]).write_bytes(
+                (source / split / image["file_name"]).read_bytes()
+            )
+            image["file_name"] = f"{split}/{image['file_name']}"
+        (root / "annotations" / f"{split}.json").write_text(json.dumps(ann))
+    data = {
+        "backend": "disk",
+        "root": str(root),
+        "train_ann": "annotations/train.json",
+        "val_ann": "annotations/val.json",
+        "train_img_prefix": "images/",
+        "val_img_prefix": "images/",
+    }
+    args = [
+        str(REPO / "experiments" / "demo.yaml"),
+        "--local",
+        "--output",
+        str(tmp_path / "run"),
+        "--max-batches",
+        "2",
+        "--set",
+        "hyperparameters.config_file=configs/synthetic/retinanet_r18_fpn_synthetic.py",
+        "--set",
+        "hyperparameters.global_batch_size=4",
+        "--set",
+        f"data={json.dumps(data)}",
+    ]
+    model_def.main(args)
+    lines = (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()
+    (validation,) = [r["metrics"] for r in map(json.loads, lines) if r["kind"] == "validation"]
+    assert validation["num_images"] == TINY_SYNTHETIC["num_val"]  # the empty image is evaluated
+    assert {f"bbox_{n}" for n in COCO_NAMES} <= set(validation)
+    # mmdet maps the file's ids to contiguous labels by name, and the crowd box is ignored.
+    from mmdet.registry import DATASETS
+
+    from utils.config import build_config
+
+    cfg = build_config(
+        {"config_file": "configs/synthetic/retinanet_r18_fpn_synthetic.py", "global_batch_size": 4},
+        data,
+    )
+    dataset = DATASETS.build(cfg.val_dataloader.dataset)
+    assert dataset.metainfo["classes"] == ("circle", "square", "triangle")
+    assert dataset.cat2label == {3: 0, 7: 1, 11: 2}
+    first = dataset.get_data_info(0)["instances"]
+    assert first[0]["ignore_flag"] == 1 and all(i["bbox_label"] in (0, 1, 2) for i in first)
