@@ -40,6 +40,7 @@ from utils.config import build_config, training_length  # noqa: E402
 from utils.data import GroupedBatchSampler, SeededDataset  # noqa: E402
 from utils.evaluation import CocoEvaluator  # noqa: E402
 from utils.optim import ParamSchedulers, build_optimizer, clip_gradients  # noqa: E402
+from utils.weights import load_weights  # noqa: E402
 
 logger = logging.getLogger("model_def")
 
@@ -90,6 +91,9 @@ class MMDetTrial(pytorch.PyTorchTrial):
 
         self.detector = MODELS.build(self.cfg.model)
         self.detector.init_weights()
+        load_from = context.get_hparams().get("load_from") or self.cfg.get("load_from")
+        if load_from:
+            logger.info("Pretrained weights: %s", load_weights(self.detector, load_from))
         self.model = context.wrap_model(self.detector)
         optimizer, self.clip_grad = build_optimizer(self.detector, self.cfg)
         self.optimizer = context.wrap_optimizer(optimizer)

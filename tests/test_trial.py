@@ -244,3 +244,32 @@ def test_custom_coco_with_gaps_in_category_ids(tmp_path: Path, synthetic_cache: 
     assert dataset.cat2label == {3: 0, 7: 1, 11: 2}
     first = dataset.get_data_info(0)["instances"]
     assert first[0]["ignore_flag"] == 1 and all(i["bbox_label"] in (0, 1, 2) for i in first)
+
+
+def test_load_from_reports_heads_of_another_class_count(
+    tmp_path: Path, synthetic_cache: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Weights of a 5-class model: the class heads are skipped and named, the rest loaded."""
+    import torch
+    from mmdet.registry import MODELS
+    from mmdet.utils import register_all_modules
+    from mmengine.config import Config
+
+    register_all_modules(init_default_scope=True)
+    cfg = Config.fromfile(REPO / "configs" / "synthetic" / "gfl_r18_fpn_synthetic.py")
+    cfg.model.bbox_head.num_classes = 5
+    weights = tmp_path / "five_classes.pth"
+    torch.save({"meta": {"epoch": 12}, "state_dict": MODELS.build(cfg.model).state_dict()}, weights)
+    with caplog.at_level("INFO"):
+        run(
+            tmp_path / "run",
+            synthetic_cache,
+            "gfl_r18_fpn_synthetic",
+            "--max-batches",
+            "1",
+            "--set",
+            f"hyperparameters.load_from={weights}",
+        )
+    text = caplog.text
+    assert "skipped bbox_head.gfl_cls.weight: shape (5, 64, 3, 3) in the checkpoint" in text
+    assert "skipped_shape=2" in text and "missing=0" in text

@@ -66,6 +66,10 @@ def hparam_problems(specs: dict[str, Any], slots: int) -> list[str]:
                 isinstance(value, bool) or not isinstance(value, int | float)
             ):
                 problems.append(f"hyperparameters.{name} must be a number, not {value!r}.")
+            elif name == "load_from" and not (isinstance(value, str) and value):
+                problems.append(
+                    f"hyperparameters.load_from must be a path, URL or gs:// path, not {value!r}."
+                )
             elif name == "override_mmdet_config" and not isinstance(value, dict):
                 problems.append(
                     "hyperparameters.override_mmdet_config must map dotted keys to values."

@@ -28,6 +28,7 @@ KNOWN_HPARAMS = (
     "weight_decay",
     "momentum",
     "auto_scale_lr",
+    "load_from",
 )
 
 

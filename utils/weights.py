@@ -1,7 +1,7 @@
 """Pretrained detector weights for a trial (hyperparameter `load_from`): fetch, read safely, load.
 
-`load_from` may be a local path, an http(s) URL (e.g. the mmdet model zoo) or `gs://bucket/object`.
-Remote files are downloaded once per host into a cache folder. Backbone-only weights (ImageNet)
+`load_from` is a local path, an http(s) URL (e.g. the mmdet model zoo) or `gs://bucket/object`;
+remote files are downloaded once per host into a cache folder. Backbone-only weights (ImageNet)
 are not for this module: they stay with the config's `init_cfg`, applied by `init_weights()`.
 """
 
@@ -34,7 +34,7 @@ DEFAULT_CACHE = (
 )
 LOCK_NAME = ".download.lock"
 TIMEOUT = 60.0  # seconds per socket operation
-HASH_SUFFIX = re.compile(r"-([0-9a-f]{8,})\.pth?$")  # torch hub / mmengine: sha256 prefix
+HASH_SUFFIX = re.compile(r"-([0-9a-f]{8,})\.pth?$")  # as torch hub / mmengine: sha256 prefix
 SHOWN = 5  # key names listed in a log line
 
 
@@ -52,35 +52,27 @@ class LoadReport:
     missing: int
     unexpected: int
 
-    def __str__(self) -> str:
-        return (
-            f"{self.loaded} tensors loaded from {self.path}, {self.skipped_shape} skipped "
-            f"(shape), {self.missing} missing, {self.unexpected} unexpected"
-        )
-
 
 def _history_buffer_method(owner: Any, name: str) -> Any:
-    """Stands in for `builtins.getattr`, with which HistoryBuffer pickles its statistic methods.
-
-    The real getattr would let a malicious pickle reach any attribute (e.g. `__globals__`).
-    """
+    """Stands in for `builtins.getattr`, with which HistoryBuffer pickles its statistic methods:
+    the real one would let a malicious pickle reach any attribute (e.g. `__globals__`)."""
     if owner is not HistoryBuffer or name.startswith("_"):
         raise pickle.UnpicklingError(f"getattr({owner!r}, {name!r}) is not allowed")
     return getattr(HistoryBuffer, name, None)
 
 
 def _safe_globals() -> list[Any]:
-    """What mmengine checkpoints hold besides tensors: numpy values, HistoryBuffer, ConfigDict."""
+    """What mmengine checkpoints hold besides tensors, less what is allowed already: leaving the
+    context manager removes what it added, and must not take away a process-wide allowance
+    (model_def.py makes one for Determined's checkpoints)."""
     core = np._core.multiarray
     allowed: list[Any] = [np.ndarray, np.dtype, ConfigDict, HistoryBuffer]
     allowed += [getattr(np.dtypes, name) for name in np.dtypes.__all__]
     allowed.append((_history_buffer_method, "builtins.getattr"))
-    for module in ("numpy._core.multiarray", "numpy.core.multiarray"):  # numpy 2 and 1 files
-        allowed += [
-            (core._reconstruct, f"{module}._reconstruct"),
-            (core.scalar, f"{module}.scalar"),
-        ]
-    return allowed
+    for mod in ("numpy._core.multiarray", "numpy.core.multiarray"):  # numpy 2 and 1 files
+        allowed += [(core._reconstruct, f"{mod}._reconstruct"), (core.scalar, f"{mod}.scalar")]
+    already = set(torch.serialization.get_safe_globals())
+    return [item for item in allowed if item not in already]
 
 
 def _download(url: str, cache_dir: Path) -> Path:
@@ -90,10 +82,10 @@ def _download(url: str, cache_dir: Path) -> Path:
     if not parts.hostname or not relative.name or ".." in relative.parts:
         raise WeightsError(f"load_from={url!r}: the URL does not name a file")
     host = f"{parts.hostname}_{parts.port}" if parts.port else parts.hostname
-    target = cache_dir / host / relative  # per host and path: equal file names do not collide
+    target = cache_dir / host / relative  # by host and path: equal file names do not collide
     target.parent.mkdir(parents=True, exist_ok=True)
     with open(cache_dir / LOCK_NAME, "a") as lock:
-        # Ranks of a host queue here; the first downloads, the others find the file. Only a
+        # The ranks of a host queue here; the first downloads, the others find the file. Only a
         # complete, verified file is ever renamed to `target`, so its existence is enough.
         fcntl.flock(lock, fcntl.LOCK_EX)
         if target.is_file():
@@ -103,13 +95,13 @@ def _download(url: str, cache_dir: Path) -> Path:
             logger.info("Downloading %s to %s.", url, target)
             digest, size = hashlib.sha256(), 0
             with os.fdopen(fd, "wb") as out, urllib.request.urlopen(url, timeout=TIMEOUT) as resp:
-                expected_size = resp.headers.get("Content-Length")
+                length = resp.headers.get("Content-Length")
                 while chunk := resp.read(1 << 20):
                     digest.update(chunk)
                     out.write(chunk)
                     size += len(chunk)
-            if expected_size is not None and size != int(expected_size):
-                raise WeightsError(f"{url}: download cut short ({size} of {expected_size} bytes)")
+            if length is not None and size != int(length):
+                raise WeightsError(f"{url}: download cut short ({size} of {length} bytes)")
             prefix = HASH_SUFFIX.search(target.name)
             if prefix and not digest.hexdigest().startswith(prefix.group(1)):
                 raise WeightsError(
@@ -120,9 +112,8 @@ def _download(url: str, cache_dir: Path) -> Path:
             os.replace(tmp, target)
         except urllib.error.HTTPError as exc:
             raise WeightsError(f"cannot download {url}: HTTP {exc.code} {exc.reason}") from exc
-        except (urllib.error.URLError, OSError) as exc:
-            reason = getattr(exc, "reason", exc)
-            raise WeightsError(f"cannot download {url}: {reason}") from exc
+        except OSError as exc:  # URLError (no route, refused, DNS), timeouts, a full disk
+            raise WeightsError(f"cannot download {url}: {getattr(exc, 'reason', exc)}") from exc
         finally:
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(tmp)
@@ -136,10 +127,14 @@ def resolve(source: str, cache_dir: Path | None = None) -> Path:
     if scheme in ("http", "https"):
         return _download(source, cache_dir)
     if scheme == "gs":
-        from utils import gcs  # lazily: the Cloud Storage client is only needed here
+        from utils import gcs  # lazily: only gs:// sources need the Cloud Storage client
 
         bucket, name = gcs.split_path(source)
-        return gcs.download_annotations(bucket, [name], cache_dir / "gs")[0]
+        try:
+            return gcs.download_annotations(bucket, [name], cache_dir / "gs")[0]
+        except gcs.GCSNotFoundError as exc:  # its message's hint is about data.bucket
+            missing = "bucket" if isinstance(exc, gcs.GCSBucketNotFoundError) else "object"
+            raise FileNotFoundError(f"load_from={source!r}: no such {missing}") from exc
     if scheme:
         raise WeightsError(
             f"load_from={source!r}: use a path, http(s):// or gs:// (backbone weights such as "
@@ -151,17 +146,26 @@ def resolve(source: str, cache_dir: Path | None = None) -> Path:
     return path
 
 
-def _describe(obj: Any) -> str:
-    if isinstance(obj, dict):
-        return f"a dict with keys {list(obj)[:SHOWN]}"
-    return f"a {type(obj).__name__}"
+def _not_a_checkpoint(path: Path, exc: Exception) -> WeightsError:
+    text = str(exc)
+    unsafe = re.search(r"GLOBAL (\S+) (was not an allowed global|whose module)", text)
+    if unsafe:
+        return WeightsError(
+            f"{path} holds {unsafe.group(1)}, which is not among the types allowed for a safe "
+            "load. If you trust the file, keep just its weights: torch.save({'state_dict': "
+            "torch.load(path, weights_only=False)['state_dict']}, new_path)."
+        )
+    # torch wraps the cause in paragraphs of advice about weights_only: keep the cause.
+    causes = [part.strip() for part in text.split("\n\n") if "weights_only" not in part]
+    cause = next((c for c in causes if c), "the file ends too early")
+    return WeightsError(
+        f"{path} is not a PyTorch checkpoint ({type(exc).__name__}: {cause.splitlines()[0]})"
+    )
 
 
 def read_state_dict(path: Path) -> dict[str, torch.Tensor]:
-    """The tensors of a checkpoint (`{'state_dict': ...}` or a bare state dict), unwrapped from DDP.
-
-    Read with `weights_only=True`: unpickling runs no code beyond an allow-list of types.
-    """
+    """The tensors of a checkpoint (`{'state_dict': ...}` or a bare state dict), unwrapped from
+    DDP. Read with `weights_only=True`: unpickling calls nothing beyond an allow-list."""
     if path.stat().st_size == 0:
         raise WeightsError(f"{path} is empty, not a PyTorch checkpoint")
     try:
@@ -170,44 +174,28 @@ def read_state_dict(path: Path) -> dict[str, torch.Tensor]:
     except OSError:
         raise
     except Exception as exc:  # what a wrong file raises varies with its bytes
-        text = str(exc)
-        unsafe = re.search(r"GLOBAL (\S+) was not an allowed global", text)
-        if unsafe:
-            raise WeightsError(
-                f"{path} holds {unsafe.group(1)}, which is not among the types allowed for a "
-                "safe load. If you trust the file, keep just its weights: torch.save("
-                "{'state_dict': torch.load(path, weights_only=False)['state_dict']}, new_path)."
-            ) from exc
-        detail = text.split("WeightsUnpickler error:")[-1].strip().splitlines()
-        reason = f"{type(exc).__name__}: {detail[0] if detail else 'truncated file'}"
-        raise WeightsError(f"{path} is not a PyTorch checkpoint ({reason})") from exc
+        raise _not_a_checkpoint(path, exc) from exc
     state = obj.get("state_dict", obj) if isinstance(obj, dict) else obj
-    tensors = (
-        {k: v for k, v in state.items() if isinstance(v, torch.Tensor)}
-        if isinstance(state, dict)
-        else {}
-    )
+    items = state.items() if isinstance(state, dict) else ()
+    tensors = {key: value for key, value in items if isinstance(value, torch.Tensor)}
     if not tensors:
-        raise WeightsError(
-            f"{path} holds no weights: expected {{'state_dict': {{name: tensor}}}} or "
-            f"{{name: tensor}}, found {_describe(obj)}"
-        )
+        what = f"keys {list(obj)[:SHOWN]}" if isinstance(obj, dict) else f"a {type(obj).__name__}"
+        raise WeightsError(f"{path} holds no weights: neither 'state_dict' nor tensors in {what}")
     if all(key.startswith("module.") for key in tensors):  # saved from a DDP-wrapped model
         tensors = {key.removeprefix("module."): value for key, value in tensors.items()}
     return tensors
 
 
 def load_weights(model: torch.nn.Module, source: str, cache_dir: Path | None = None) -> LoadReport:
-    """Load `source` (path, http(s) URL or gs:// object) into `model`, skipping mismatched shapes.
+    """Load `source` (path, http(s) URL or gs:// object) into `model`; call after init_weights().
 
     Tensors whose shape differs from the model's (e.g. a head for other `num_classes`) keep the
-    model's initialisation; each is logged. Call after `model.init_weights()`.
+    model's initialisation, and each is logged; so are missing and unexpected keys.
     """
     path = resolve(source, cache_dir)
-    state = read_state_dict(path)
     own = model.state_dict()
     accepted, skipped = {}, []
-    for key, value in state.items():
+    for key, value in read_state_dict(path).items():
         if key in own and own[key].shape != value.shape:
             skipped.append(key)
             logger.warning(
@@ -220,15 +208,10 @@ def load_weights(model: torch.nn.Module, source: str, cache_dir: Path | None = N
     missing = [key for key in result.missing_keys if key not in skipped]
     for label, keys in (("missing from", missing), ("unexpected in", result.unexpected_keys)):
         if keys:
-            logger.warning(
-                "load_from: %d keys %s %s, e.g. %s", len(keys), label, path, keys[:SHOWN]
-            )
+            logger.warning("load_from: %d keys %s %s: %s", len(keys), label, path, keys[:SHOWN])
     report = LoadReport(
-        path=path,
-        loaded=len(accepted) - len(result.unexpected_keys),
-        skipped_shape=len(skipped),
-        missing=len(missing),
-        unexpected=len(result.unexpected_keys),
-    )
+        path, len(accepted) - len(result.unexpected_keys), len(skipped), len(missing),
+        len(result.unexpected_keys),
+    )  # fmt: skip
     logger.info("load_from: %s", report)
     return report
