@@ -37,7 +37,8 @@ from local_run import run_local  # noqa: E402
 from utils import experiment  # noqa: E402
 from utils.check import check_experiment  # noqa: E402
 from utils.config import build_config, training_length  # noqa: E402
-from utils.data import GroupedBatchSampler, SeededDataset  # noqa: E402
+from utils.data import GroupedBatchSampler, LoudDataset, SeededDataset  # noqa: E402
+from utils.datasource import DataError  # noqa: E402
 from utils.evaluation import CocoEvaluator  # noqa: E402
 from utils.optim import ParamSchedulers, build_optimizer, clip_gradients  # noqa: E402
 from utils.weights import load_weights  # noqa: E402
@@ -76,12 +77,11 @@ class MMDetTrial(pytorch.PyTorchTrial):
     def __init__(
         self,
         context: pytorch.PyTorchTrialContext,
-        callbacks: dict[str, pytorch.PyTorchCallback] | None = None,
         resumed_batches: int = 0,
     ) -> None:
         """`resumed_batches`: batches already trained by a local checkpoint being resumed."""
         self.context = context
-        self.callbacks = callbacks or {}
+        self.callbacks: dict[str, pytorch.PyTorchCallback] = {}
         self.resumed_batches = resumed_batches
         register_all_modules(init_default_scope=True)
         slots = context.distributed.get_size()
@@ -98,8 +98,8 @@ class MMDetTrial(pytorch.PyTorchTrial):
         optimizer, self.clip_grad = build_optimizer(self.detector, self.cfg)
         self.optimizer = context.wrap_optimizer(optimizer)
 
-        self.train_dataset = DATASETS.build(self.cfg.train_dataloader.dataset)
-        self.val_dataset = DATASETS.build(self.cfg.val_dataloader.dataset)
+        self.train_dataset = build_dataset(self.cfg, "train")
+        self.val_dataset = build_dataset(self.cfg, "val")
         global_batch = context.get_global_batch_size()
         self.epoch_length = -(-len(self.train_dataset) // global_batch)
         searcher = context.get_experiment_config().get("searcher") or {}
@@ -130,7 +130,7 @@ class MMDetTrial(pytorch.PyTorchTrial):
             skip=self.resumed_batches * replicas,
         )
         return pytorch.DataLoader(
-            SeededDataset(self.train_dataset, self.seed),
+            SeededDataset(LoudDataset(self.train_dataset), self.seed),
             batch_sampler=sampler,
             num_workers=loader_cfg.get("num_workers", 0),
             persistent_workers=loader_cfg.get("num_workers", 0) > 0,
@@ -151,7 +151,7 @@ class MMDetTrial(pytorch.PyTorchTrial):
         # batches small enough that every rank gets one.
         batch_size = min(loader_cfg.get("batch_size", 1), -(-len(self.val_dataset) // replicas))
         return pytorch.DataLoader(
-            self.val_dataset,
+            LoudDataset(self.val_dataset),
             batch_size=batch_size,
             shuffle=False,
             num_workers=loader_cfg.get("num_workers", 0),
@@ -194,6 +194,25 @@ class MMDetTrial(pytorch.PyTorchTrial):
 
     def build_callbacks(self) -> dict[str, pytorch.PyTorchCallback]:
         return self.callbacks
+
+
+def build_dataset(cfg: Any, split: str) -> Any:
+    """The split's mmdet dataset; an empty one is an error naming what to check."""
+    empty = DataError(
+        f"The {split} dataset is empty after mmdet's filtering ({split}_dataloader.dataset."
+        f"filter_cfg drops images without objects and small images): check data.{split}_ann "
+        "and the filter settings."
+    )
+    try:
+        dataset = DATASETS.build(cfg[f"{split}_dataloader"].dataset)
+    except ValueError as err:
+        # mmengine fails to serialise an empty data list with numpy's bare message.
+        if "need at least one array to concatenate" in str(err):
+            raise empty from err
+        raise
+    if len(dataset) == 0:
+        raise empty
+    return dataset
 
 
 def trial_seed(cfg: Any, context: pytorch.PyTorchTrialContext) -> int:

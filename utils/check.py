@@ -84,8 +84,6 @@ def check_experiment(exp: dict[str, Any]) -> tuple[list[str], list[str]]:
     slots = (exp.get("resources") or {}).get("slots_per_trial", 1)
     searcher = exp.get("searcher") or {}
     problems = hparam_problems(specs, slots)
-    if data.get("backend", "disk") == "disk" and not data.get("root"):
-        problems.append("data.root is not set: name the folder that holds the COCO dataset.")
     try:
         length = training_length(searcher)
         cfg = build_config(local_hparams(specs), data, slots, verify_paths=False)

@@ -98,3 +98,34 @@ class SeededDataset(Dataset):
             # In the main process (no workers) leave the global generators as they were.
             np.random.set_state(np_state)
             random.setstate(py_state)
+
+
+class LoudDataset(Dataset):
+    """Re-raises a sample's loading error with the image path and what to do about it.
+
+    mmcv's errors for an unreadable image do not always name the file (a zero-byte image fails
+    inside OpenCV), and inside a data loader worker the failing sample is hard to find.
+    """
+
+    def __init__(self, dataset: Dataset) -> None:
+        self.dataset = dataset
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def get_data_info(self, index: int) -> dict:
+        return self.dataset.get_data_info(index)
+
+    def __getitem__(self, index: int) -> Any:
+        try:
+            return self.dataset[index]
+        except Exception as err:
+            path = self.dataset.get_data_info(index).get("img_path", f"sample {index}")
+            raise ImageError(
+                f"{path}: cannot load it ({type(err).__name__}: {err}). Replace the file, or drop "
+                "the image from the annotation file."
+            ) from err
+
+
+class ImageError(RuntimeError):
+    """A training or validation image that cannot be loaded, named with what to do."""

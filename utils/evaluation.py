@@ -35,7 +35,7 @@ class CocoEvaluator:
             if metric_cfg.type == "CocoMetric" and "metric_items" not in metric_cfg:
                 metric_cfg.metric_items = list(COCO_ITEMS)
             self.metrics.append(METRICS.build(metric_cfg))
-        self.entries: list[tuple[int, list[list[Any]]]] = []
+        self.entries: list[tuple[Any, list[list[Any]]]] = []
 
     def set_dataset_meta(self, meta: dict[str, Any]) -> None:
         for metric in self.metrics:
@@ -53,7 +53,8 @@ class CocoEvaluator:
                 metric.process({}, [output])
                 per_metric.append(metric.results)
                 metric.results = []
-            self.entries.append((int(output["img_id"]), per_metric))
+            # COCO ids are ints, VOC ids file names: keep them as the dataset gives them.
+            self.entries.append((output["img_id"], per_metric))
 
     def compute(
         self, entries_per_rank: list[list[tuple[int, list[list[Any]]]]]

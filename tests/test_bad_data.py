@@ -1,0 +1,154 @@
+"""Bad data is loud: each case fails naming the file and what to do, or is a counted skip.
+
+Policy (README, "Bad data"): structural problems in an annotation file and unreadable images stop
+the run with an error naming the file and the entry; boxes that mmdet skips (empty, or outside
+their image) are counted and reported in the log.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+from mmdet.registry import DATASETS
+from mmdet.utils import register_all_modules
+
+from tests.conftest import TINY_SYNTHETIC
+from utils.annotations import AnnotationError
+from utils.config import build_config
+from utils.data import ImageError, LoudDataset
+from utils.datasource import DataError
+from utils.synthetic import SyntheticSpec, ensure_dataset
+
+CONFIG = {"config_file": "configs/synthetic/maskrcnn_r18_fpn_synthetic.py", "global_batch_size": 2}
+
+
+@pytest.fixture
+def coco(tmp_path: Path, synthetic_cache: Path) -> Path:
+    """A writable copy of the tiny generated COCO dataset."""
+    source = ensure_dataset(synthetic_cache, SyntheticSpec(**TINY_SYNTHETIC))
+    shutil.copytree(source, tmp_path / "coco")
+    return tmp_path / "coco"
+
+
+def data_of(root: Path, **extra: object) -> dict:
+    return {
+        "backend": "disk",
+        "root": str(root),
+        "train_ann": "annotations/instances_train.json",
+        "val_ann": "annotations/instances_val.json",
+        "train_img_prefix": "train/",
+        "val_img_prefix": "val/",
+        **extra,
+    }
+
+
+def edit(root: Path, change: Callable[[dict], None], split: str = "train") -> None:
+    path = root / "annotations" / f"instances_{split}.json"
+    ann = json.loads(path.read_text())
+    change(ann)
+    path.write_text(json.dumps(ann))
+
+
+def first_image(root: Path, split: str = "train") -> Path:
+    return root / split / "000000.png"
+
+
+def load_all(root: Path, split: str = "train") -> None:
+    register_all_modules(init_default_scope=True)
+    cfg = build_config(CONFIG, data_of(root))
+    dataset = LoudDataset(DATASETS.build(cfg[f"{split}_dataloader"].dataset))
+    for index in range(len(dataset)):
+        dataset[index]
+
+
+def test_missing_image_names_the_file(coco: Path) -> None:
+    first_image(coco).unlink()
+    with pytest.raises(ImageError, match=r"train/000000.png: cannot load it \(FileNotFoundError"):
+        load_all(coco)
+
+
+def test_truncated_image_names_the_file(coco: Path) -> None:
+    data = first_image(coco).read_bytes()
+    first_image(coco).write_bytes(data[: len(data) // 3])
+    with pytest.raises(ImageError, match=r"train/000000.png: cannot load it.*Replace the file"):
+        load_all(coco)
+
+
+def test_zero_byte_image_names_the_file(coco: Path) -> None:
+    first_image(coco).write_bytes(b"")
+    with pytest.raises(ImageError, match=r"train/000000.png: cannot load it"):
+        load_all(coco)
+
+
+def test_malformed_annotation_json(coco: Path) -> None:
+    (coco / "annotations" / "instances_val.json").write_text('{"images": [')
+    with pytest.raises(AnnotationError, match=r"instances_val.json: cannot read it as JSON"):
+        build_config(CONFIG, data_of(coco))
+
+
+def test_annotation_of_an_unknown_image(coco: Path) -> None:
+    edit(coco, lambda ann: ann["annotations"][2].update(image_id=999))
+    with pytest.raises(AnnotationError, match=r"annotation 3 names image_id 999, which is not"):
+        build_config(CONFIG, data_of(coco))
+
+
+def test_unknown_category_id(coco: Path) -> None:
+    edit(coco, lambda ann: ann["annotations"][0].update(category_id=42))
+    with pytest.raises(AnnotationError, match=r"annotation 1 has category_id 42, not among"):
+        build_config(CONFIG, data_of(coco))
+
+
+def test_polygon_with_two_points(coco: Path) -> None:
+    edit(coco, lambda ann: ann["annotations"][1].update(segmentation=[[1, 1, 5, 5]]))
+    with pytest.raises(AnnotationError, match=r"annotation 2: a polygon has 4 coordinates"):
+        build_config(CONFIG, data_of(coco))
+
+
+def test_boxes_with_negative_size_or_outside_are_counted_skips(
+    coco: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    def change(ann: dict) -> None:
+        ann["annotations"][0]["bbox"][2] = -5.0
+        ann["annotations"][1]["bbox"][:2] = [500.0, 500.0]
+
+    edit(coco, change)
+    with caplog.at_level("WARNING"):
+        build_config(CONFIG, data_of(coco))
+    assert "instances_train.json: 2 of" in caplog.text and "skipped (ids [1, 2])" in caplog.text
+
+
+def test_empty_dataset_after_filtering_is_an_error(coco: Path, tmp_path: Path) -> None:
+    import model_def
+
+    edit(coco, lambda ann: ann.update(annotations=[]))
+    args = [
+        str(Path(__file__).resolve().parent.parent / "experiments" / "demo.yaml"),
+        "--local",
+        "--output",
+        str(tmp_path / "run"),
+        "--max-batches",
+        "1",
+        "--set",
+        f"data={json.dumps(data_of(coco))}",
+    ]
+    with pytest.raises(DataError, match="The train dataset is empty after mmdet's filtering"):
+        model_def.main(args)
+
+
+def test_class_list_mismatch(coco: Path) -> None:
+    with pytest.raises(DataError, match=r"data.classes names \['hexagon'\]"):
+        build_config(CONFIG, data_of(coco, classes=["circle", "hexagon"]))
+
+
+def test_image_prefix_pointing_nowhere(coco: Path) -> None:
+    with pytest.raises(DataError, match=r"data.val_img_prefix: image folder .*nowhere"):
+        build_config(CONFIG, data_of(coco, val_img_prefix="nowhere/"))
+
+
+def test_missing_annotation_file(coco: Path) -> None:
+    with pytest.raises(DataError, match=r"data.train_ann: annotation file .*missing.json"):
+        build_config(CONFIG, data_of(coco, train_ann="missing.json"))
