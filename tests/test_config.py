@@ -162,3 +162,14 @@ def test_auto_scale_lr_follows_the_global_batch(synthetic_data: dict) -> None:
     assert single.optim_wrapper.optimizer.lr == pytest.approx(0.0025)
     plain = build_config({**coco, "global_batch_size": 32}, synthetic_data)
     assert plain.optim_wrapper.optimizer.lr == 0.02
+
+
+def test_gcs_layout_and_image_cache_without_network() -> None:
+    data = {"backend": "gcp", "bucket": "b", "prefix": "/coco/", "image_cache_bytes": 10_000_000}
+    cfg = build_config(hparams(), data, verify_paths=False)
+    dataset = cfg.train_dataloader.dataset
+    assert dataset.data_root == "gs://b/coco/" and dataset.data_prefix == {"img": "train2017/"}
+    loads = [s for s in dataset.pipeline if s.type == "LoadImageFromFile"]
+    assert loads[0].backend_args == {"backend": "gcs", "cache_bytes": 10_000_000}
+    with pytest.raises(DataError, match="data.bucket is not set"):
+        build_config(hparams(), {"backend": "gcs"}, verify_paths=False)

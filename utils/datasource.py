@@ -109,6 +109,13 @@ def apply_data_section(cfg: Config, data: dict[str, Any], verify_paths: bool = T
         dataset.data_prefix = dict(img=layout[f"{split}_img_prefix"])
         if classes:
             dataset.metainfo = dict(classes=tuple(classes))
+        if data.get("image_cache_bytes") and backend in ("gcs", "gcp"):
+            # Each process keeps up to this many bytes of images in memory: later epochs re-read
+            # them without network traffic.
+            args = dict(backend="gcs", cache_bytes=int(data["image_cache_bytes"]))
+            for step in dataset.pipeline:
+                if step.type == "LoadImageFromFile":
+                    step.backend_args = args
     evaluators = cfg.val_evaluator if isinstance(cfg.val_evaluator, list) else [cfg.val_evaluator]
     for evaluator in evaluators:
         evaluator.ann_file = str(ann_files["val"])
