@@ -11,6 +11,7 @@ Only this file talks to Determined; everything in utils/ is plain MMDetection/MM
 from __future__ import annotations
 
 import argparse
+import contextlib
 import logging
 import sys
 import warnings
@@ -40,7 +41,12 @@ from utils.config import build_config, training_length  # noqa: E402
 from utils.data import GroupedBatchSampler, LoudDataset, SeededDataset  # noqa: E402
 from utils.datasource import DataError  # noqa: E402
 from utils.evaluation import CocoEvaluator  # noqa: E402
-from utils.optim import ParamSchedulers, build_optimizer, clip_gradients  # noqa: E402
+from utils.optim import (  # noqa: E402
+    ParamSchedulers,
+    amp_settings,
+    build_optimizer,
+    clip_gradients,
+)
 from utils.weights import load_weights  # noqa: E402
 
 logger = logging.getLogger("model_def")
@@ -94,6 +100,14 @@ class MMDetTrial(pytorch.PyTorchTrial):
         load_from = context.get_hparams().get("load_from") or self.cfg.get("load_from")
         if load_from:
             logger.info("Pretrained weights: %s", load_weights(self.detector, load_from))
+        # Mixed precision where the config asks for it (AmpOptimWrapper); the scaler is wrapped
+        # before the model, as Determined requires.
+        self.amp = amp_settings(self.cfg, torch.cuda.is_available())
+        self.scaler = None
+        if self.amp:
+            logger.info("Mixed precision: %s autocast on %s.", self.amp.dtype, self.amp.device)
+            if self.amp.loss_scale is not None:
+                self.scaler = context.wrap_scaler(self.amp.grad_scaler())
         self.model = context.wrap_model(self.detector)
         optimizer, self.clip_grad = build_optimizer(self.detector, self.cfg)
         self.optimizer = context.wrap_optimizer(optimizer)
@@ -162,7 +176,8 @@ class MMDetTrial(pytorch.PyTorchTrial):
 
     def train_batch(self, batch: Any, epoch_idx: int, batch_idx: int) -> dict[str, Any]:
         data = self.detector.data_preprocessor(batch, training=True)
-        losses = self.model(**data, mode="loss")
+        with self.amp.autocast() if self.amp else contextlib.nullcontext():
+            losses = self.model(**data, mode="loss")
         loss, log_vars = self.detector.parse_losses(losses)
         if not torch.isfinite(loss):
             # Stop before the step: the last checkpoint keeps the last good weights.
@@ -172,16 +187,19 @@ class MMDetTrial(pytorch.PyTorchTrial):
                 f"The loss is not finite at batch {batch_number} ({terms}): stopping. Lower the "
                 "LR or enable optim_wrapper.clip_grad, and resume from the last checkpoint."
             )
-        self.context.backward(loss)
         metrics = {name: value.item() for name, value in log_vars.items()}
-        if self.clip_grad:
+        self.context.backward(self.scaler.scale(loss) if self.scaler else loss)
 
-            def clip(params: Any) -> None:
-                metrics["grad_norm"] = float(clip_gradients(params, self.clip_grad))
+        def clip(params: Any) -> None:
+            if self.scaler:  # clip the true gradients, not the scaled ones
+                self.scaler.unscale_(self.optimizer)
+            metrics["grad_norm"] = float(clip_gradients(params, self.clip_grad))
 
-            self.context.step_optimizer(self.optimizer, clip_grads=clip)
-        else:
-            self.context.step_optimizer(self.optimizer)
+        self.context.step_optimizer(
+            self.optimizer, clip_grads=clip if self.clip_grad else None, scaler=self.scaler
+        )
+        if self.scaler:
+            self.scaler.update(self.amp.static_scale())
         metrics["lr"] = self.optimizer.param_groups[0]["lr"]
         return metrics
 

@@ -9,7 +9,7 @@ import torch
 from mmengine.config import Config
 from mmengine.registry import PARAM_SCHEDULERS
 
-from utils.optim import ParamSchedulers, build_optimizer, clip_gradients
+from utils.optim import ParamSchedulers, amp_settings, build_optimizer, clip_gradients
 
 EPOCH_LENGTH = 37
 EPOCHS = 12
@@ -140,3 +140,34 @@ def test_clip_gradients_by_norm_like_mmengine() -> None:
     assert float(weight.grad.norm()) == pytest.approx(1.0, rel=1e-5)
     with pytest.raises(ValueError, match="clip_grad.type 'median'"):
         clip_gradients([weight], {"type": "median"})
+
+
+def amp_cfg(**wrapper: object) -> Config:
+    return Config(
+        dict(optim_wrapper=dict(type="AmpOptimWrapper", optimizer=dict(type="SGD"), **wrapper))
+    )
+
+
+def test_amp_settings_follow_mmengine() -> None:
+    assert amp_settings(Config(dict(optim_wrapper=dict(type="OptimWrapper"))), cuda=True) is None
+    cpu = amp_settings(amp_cfg(loss_scale=512.0), cuda=False)
+    assert (cpu.device, cpu.dtype, cpu.loss_scale) == ("cpu", torch.bfloat16, None)
+    dynamic = amp_settings(amp_cfg(), cuda=True)
+    assert (dynamic.dtype, dynamic.loss_scale, dynamic.static_scale()) == (
+        torch.float16,
+        "dynamic",
+        None,
+    )
+    static = amp_settings(amp_cfg(loss_scale=512.0), cuda=True)
+    assert static.static_scale() == 512.0
+    custom = amp_settings(amp_cfg(loss_scale=dict(init_scale=64.0, growth_interval=10)), cuda=True)
+    assert custom.loss_scale == {"init_scale": 64.0, "growth_interval": 10}
+    assert amp_settings(amp_cfg(dtype="bfloat16"), cuda=True).loss_scale is None
+
+
+def test_cpu_autocast_runs_in_bfloat16() -> None:
+    settings = amp_settings(amp_cfg(), cuda=False)
+    layer = torch.nn.Linear(4, 4)
+    with settings.autocast():
+        out = layer(torch.ones(2, 4))
+    assert out.dtype == torch.bfloat16

@@ -273,3 +273,22 @@ def test_load_from_reports_heads_of_another_class_count(
     text = caplog.text
     assert "skipped bbox_head.gfl_cls.weight: shape (5, 64, 3, 3) in the checkpoint" in text
     assert "skipped_shape=2" in text and "missing=0" in text
+
+
+def test_amp_config_trains_with_bfloat16_autocast_on_the_cpu(
+    tmp_path: Path, synthetic_cache: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """AmpOptimWrapper without CUDA: bfloat16 autocast on the CPU, no loss scaler."""
+    with caplog.at_level("INFO"):
+        records = run(
+            tmp_path,
+            synthetic_cache,
+            "retinanet_r18_fpn_synthetic",
+            "--max-batches",
+            "2",
+            "--set",
+            "hyperparameters.override_mmdet_config={optim_wrapper.type: AmpOptimWrapper}",
+        )
+    assert "Mixed precision: torch.bfloat16 autocast on cpu." in caplog.text
+    training = [r["metrics"] for r in records if r["kind"] == "training"]
+    assert len(training) == 2 and all(math.isfinite(m["loss"]) for m in training)

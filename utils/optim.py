@@ -7,6 +7,7 @@ them, so the LR of every batch equals what mmengine would set for the same confi
 from __future__ import annotations
 
 import copy
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -97,3 +98,43 @@ class ParamSchedulers:
         self.batches = state["batches"]
         for scheduler, scheduler_state in zip(self.schedulers, state["schedulers"], strict=True):
             scheduler.load_state_dict(scheduler_state)
+
+
+@dataclass(frozen=True)
+class AmpSettings:
+    """Mixed precision as the config's AmpOptimWrapper asks for it, on the device at hand."""
+
+    device: str  # "cuda" or "cpu"
+    dtype: torch.dtype
+    loss_scale: str | float | dict | None  # GradScaler settings; None: no scaler (bfloat16)
+
+    def autocast(self) -> torch.autocast:
+        return torch.autocast(self.device, dtype=self.dtype)
+
+    def grad_scaler(self) -> torch.amp.GradScaler:
+        """mmengine's mapping: 'dynamic', an initial static scale, or GradScaler's own keys."""
+        if self.loss_scale == "dynamic":
+            return torch.amp.GradScaler(self.device)
+        if isinstance(self.loss_scale, int | float):
+            return torch.amp.GradScaler(self.device, init_scale=float(self.loss_scale))
+        return torch.amp.GradScaler(self.device, **dict(self.loss_scale))
+
+    def static_scale(self) -> float | None:
+        """The value to keep the scale at after each step (a number as loss_scale), else None."""
+        return float(self.loss_scale) if isinstance(self.loss_scale, int | float) else None
+
+
+def amp_settings(cfg: Config, cuda: bool) -> AmpSettings | None:
+    """None unless `optim_wrapper.type` is AmpOptimWrapper.
+
+    On CUDA: float16 (or the config's `dtype`) with a GradScaler from `loss_scale`. Without CUDA:
+    bfloat16 autocast on the CPU, which needs no loss scaling.
+    """
+    wrapper = cfg.optim_wrapper
+    if wrapper.get("type") != "AmpOptimWrapper":
+        return None
+    if not cuda:
+        return AmpSettings("cpu", torch.bfloat16, None)
+    dtype = getattr(torch, str(wrapper.get("dtype") or "float16").removeprefix("torch."))
+    loss_scale = None if dtype == torch.bfloat16 else wrapper.get("loss_scale", "dynamic")
+    return AmpSettings("cuda", dtype, loss_scale)
