@@ -10,6 +10,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 from tests.conftest import TINY_SYNTHETIC
 
@@ -20,8 +21,14 @@ DATA = {**TINY_SYNTHETIC, "num_val": 7}
 pytestmark = pytest.mark.slow
 
 
-def run(output: Path, cache: Path, ranks: int, *extra: str) -> list[dict]:
-    """Train GFL (small) with `ranks` processes; returns the records of metrics.jsonl."""
+GFL = "configs/synthetic/gfl_r18_fpn_synthetic.py"
+TOY = "tests/toy/toy_synthetic.py"
+
+
+def run(
+    output: Path, cache: Path, ranks: int, *extra: str, config: str = GFL, overrides: str = ""
+) -> list[dict]:
+    """Train with `ranks` processes (GFL, small, by default); returns metrics.jsonl's records."""
     script = [str(REPO / "model_def.py"), str(REPO / "experiments" / "demo.yaml"), "--local"]
     args = [
         "--output",
@@ -29,11 +36,11 @@ def run(output: Path, cache: Path, ranks: int, *extra: str) -> list[dict]:
         "--report-every",
         "1",
         "--set",
-        "hyperparameters.config_file=configs/synthetic/gfl_r18_fpn_synthetic.py",
+        f"hyperparameters.config_file={config}",
         "--set",
         "hyperparameters.global_batch_size=4",
         "--set",
-        "hyperparameters.override_mmdet_config={model.backbone.norm_eval: true}",
+        f"hyperparameters.override_mmdet_config={{{overrides}}}",
         "--set",
         f"data.cache_dir={cache}",
         "--set",
@@ -89,3 +96,30 @@ def test_resume_continues_exactly_on_ranks(
     expected = {b: loss for b, loss in losses(straight).items() if b > 3}
     assert sorted(losses(resumed)) == [4, 5, 6]
     assert losses(resumed) == pytest.approx(expected, rel=1e-6)
+
+
+def final_weights(output: Path) -> dict[str, torch.Tensor]:
+    (checkpoint,) = (output / "determined").iterdir()
+    state = torch.load(checkpoint / "state_dict.pth", map_location="cpu", weights_only=False)
+    # The distributed run saves the DDP wrapper's state: its keys carry "module.".
+    return {k.removeprefix("module."): v for k, v in state["models_state_dict"][0].items()}
+
+
+def test_two_ranks_of_two_train_like_one_rank_of_four(
+    tmp_path: Path, synthetic_cache: Path
+) -> None:
+    """Gradient sync: same global batches, same losses, same parameters (toy per-image loss)."""
+    one = run(tmp_path / "one", synthetic_cache, 1, "--max-batches", "6", config=TOY)
+    two = run(tmp_path / "two", synthetic_cache, 2, "--max-batches", "6", config=TOY)
+    assert len(set(losses(one).values())) == 6  # training moves
+    assert losses(two) == pytest.approx(losses(one), rel=1e-5)
+    w1, w2 = final_weights(tmp_path / "one"), final_weights(tmp_path / "two")
+    assert w1.keys() == w2.keys() and len(w1) == 4
+    for name in w1:
+        torch.testing.assert_close(w2[name], w1[name], rtol=1e-5, atol=1e-7, msg=name)
+    (val1,) = [r["metrics"] for r in one if r["kind"] == "validation"]
+    (val2,) = [r["metrics"] for r in two if r["kind"] == "validation"]
+    assert val1["num_images"] == val2["num_images"] == DATA["num_val"]
+    assert {k: v for k, v in val2.items() if k.startswith("bbox_")} == {
+        k: v for k, v in val1.items() if k.startswith("bbox_")
+    }
