@@ -19,6 +19,7 @@ import torch
 from determined import pytorch
 
 from utils import experiment
+from utils.config import accumulative_counts
 
 
 class LocalReport(pytorch.PyTorchCallback):
@@ -99,7 +100,12 @@ def run_local(args: argparse.Namespace, trial_class: type[pytorch.PyTorchTrial])
     metrics_path = output / "metrics.jsonl"
     distributed = local_distributed()
     chief = distributed is None or distributed.rank == 0
-    with det.pytorch.init(hparams=hparams, exp_conf=exp_conf, distributed=distributed) as context:
+    with det.pytorch.init(
+        hparams=hparams,
+        exp_conf=exp_conf,
+        distributed=distributed,
+        aggregation_frequency=accumulative_counts(hparams),
+    ) as context:
         # Local TensorBoard files: Determined would write them to ./runs of the working directory.
         context._core.train._tbd_directory = output / "tensorboard"
         trial = trial_class(context, resumed_batches=resumed_batches)

@@ -37,7 +37,7 @@ from mmengine.runner import set_random_seed  # noqa: E402
 from local_run import run_local  # noqa: E402
 from utils import experiment  # noqa: E402
 from utils.check import check_experiment  # noqa: E402
-from utils.config import build_config, training_length  # noqa: E402
+from utils.config import accumulative_counts, build_config, training_length  # noqa: E402
 from utils.data import GroupedBatchSampler, LoudDataset, SeededDataset  # noqa: E402
 from utils.datasource import DataError  # noqa: E402
 from utils.evaluation import CocoEvaluator  # noqa: E402
@@ -110,6 +110,9 @@ class MMDetTrial(pytorch.PyTorchTrial):
                 self.scaler = context.wrap_scaler(self.amp.grad_scaler())
         self.model = context.wrap_model(self.detector)
         optimizer, self.clip_grad = build_optimizer(self.detector, self.cfg)
+        # Gradient accumulation: Determined steps (and averages the gradients) every this many
+        # batches; the engine was started with it as its aggregation frequency.
+        self.accumulation = accumulative_counts(context.get_hparams())
         self.optimizer = context.wrap_optimizer(optimizer)
 
         self.train_dataset = build_dataset(self.cfg, "train")
@@ -193,12 +196,14 @@ class MMDetTrial(pytorch.PyTorchTrial):
         def clip(params: Any) -> None:
             if self.scaler:  # clip the true gradients, not the scaled ones
                 self.scaler.unscale_(self.optimizer)
-            metrics["grad_norm"] = float(clip_gradients(params, self.clip_grad))
+            norm = float(clip_gradients(params, self.clip_grad))
+            if self.accumulation == 1:  # with accumulation not every batch has one to report
+                metrics["grad_norm"] = norm
 
         self.context.step_optimizer(
             self.optimizer, clip_grads=clip if self.clip_grad else None, scaler=self.scaler
         )
-        if self.scaler:
+        if self.scaler and (batch_idx + 1) % self.accumulation == 0:  # after a real step only
             self.scaler.update(self.amp.static_scale())
         metrics["lr"] = self.optimizer.param_groups[0]["lr"]
         return metrics
@@ -288,7 +293,8 @@ def run_check(args: argparse.Namespace) -> int:
 
 def run_on_cluster() -> None:
     info = det.get_cluster_info()
-    with det.pytorch.init() as context:
+    frequency = accumulative_counts(info.trial.hparams) if info else 1
+    with det.pytorch.init(aggregation_frequency=frequency) as context:
         trial = MMDetTrial(context)
         period = pytorch.Batch(trial.validation_batches)
         det.pytorch.Trainer(trial, context).fit(

@@ -124,3 +124,23 @@ def test_two_ranks_of_two_train_like_one_rank_of_four(
     assert {k: v for k, v in val2.items() if k.startswith("bbox_")} == {
         k: v for k, v in val1.items() if k.startswith("bbox_")
     }
+
+
+def test_accumulating_two_batches_of_two_equals_one_batch_of_four(
+    tmp_path: Path, synthetic_cache: Path
+) -> None:
+    """optim_wrapper.accumulative_counts maps onto Determined's aggregation frequency."""
+    constant = tmp_path / "constant_lr.py"
+    constant.write_text("param_scheduler = []\n")
+    accumulate = tmp_path / "accumulate.py"
+    accumulate.write_text("param_scheduler = []\noptim_wrapper = dict(accumulative_counts=2)\n")
+    args = ["--set", "hyperparameters.global_batch_size=4", "--max-batches", "2"]
+    large = run(tmp_path / "large", synthetic_cache, 1, *args, "--set",
+                f"hyperparameters.merge_config={constant}", config=TOY)  # fmt: skip
+    args = ["--set", "hyperparameters.global_batch_size=2", "--max-batches", "4"]
+    small = run(tmp_path / "small", synthetic_cache, 1, *args, "--set",
+                f"hyperparameters.merge_config={accumulate}", config=TOY)  # fmt: skip
+    assert len(losses(large)) == 2 and len(losses(small)) == 4
+    w_large, w_small = final_weights(tmp_path / "large"), final_weights(tmp_path / "small")
+    for name in w_large:
+        torch.testing.assert_close(w_small[name], w_large[name], rtol=1e-5, atol=1e-7, msg=name)

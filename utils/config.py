@@ -54,6 +54,30 @@ def resolve_config_path(name: str) -> Path:
     return path
 
 
+def load_config(hparams: dict[str, Any]) -> Config:
+    """`config_file` with `merge_config` merged on top, before any other change."""
+    if "config_file" not in hparams:
+        raise ConfigError("hyperparameters.config_file is missing: name an mmdet config to train.")
+    cfg = Config.fromfile(resolve_config_path(hparams["config_file"]))
+    if hparams.get("merge_config"):
+        extra = Config.fromfile(resolve_config_path(hparams["merge_config"]))
+        cfg.merge_from_dict(extra.to_dict(), allow_list_keys=True)
+    return cfg
+
+
+def accumulative_counts(hparams: dict[str, Any]) -> int:
+    """Batches per optimizer step (`optim_wrapper.accumulative_counts`), known before any data.
+
+    The training engine needs it before the trial is built (Determined's aggregation frequency).
+    """
+    cfg = load_config(hparams)
+    apply_overrides(cfg, hparams.get("override_mmdet_config") or {})
+    counts = cfg.optim_wrapper.get("accumulative_counts", 1)
+    if not isinstance(counts, int) or counts < 1:
+        raise ConfigError(f"optim_wrapper.accumulative_counts is {counts!r}: use an int >= 1.")
+    return counts
+
+
 def build_config(
     hparams: dict[str, Any], data: dict[str, Any], slots: int = 1, verify_paths: bool = True
 ) -> Config:
@@ -65,12 +89,7 @@ def build_config(
         slots: processes sharing the global batch (`resources.slots_per_trial`).
         verify_paths: check that the data's files exist (off for checks without the data).
     """
-    if "config_file" not in hparams:
-        raise ConfigError("hyperparameters.config_file is missing: name an mmdet config to train.")
-    cfg = Config.fromfile(resolve_config_path(hparams["config_file"]))
-    if hparams.get("merge_config"):
-        extra = Config.fromfile(resolve_config_path(hparams["merge_config"]))
-        cfg.merge_from_dict(extra.to_dict(), allow_list_keys=True)
+    cfg = load_config(hparams)
     apply_hparams(cfg, hparams)
     apply_data_section(cfg, data, verify_paths)
     global_batch = hparams.get("global_batch_size")
