@@ -112,7 +112,7 @@ class MMDetTrial(pytorch.PyTorchTrial):
         optimizer, self.clip_grad = build_optimizer(self.detector, self.cfg)
         # Gradient accumulation: Determined steps (and averages the gradients) every this many
         # batches; the engine was started with it as its aggregation frequency.
-        self.accumulation = accumulative_counts(context.get_hparams())
+        self.accumulation = self.cfg.optim_wrapper.get("accumulative_counts", 1)
         self.optimizer = context.wrap_optimizer(optimizer)
 
         self.train_dataset = build_dataset(self.cfg, "train")

@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
+
+REPO = Path(__file__).resolve().parent.parent
 
 # A few images are enough for the plumbing tests; the demo uses the generator's defaults.
 TINY_SYNTHETIC = {"num_train": 16, "num_val": 8, "image_size": 128, "max_instances": 3}
@@ -19,3 +22,28 @@ def synthetic_cache(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def synthetic_data(synthetic_cache: Path) -> dict:
     """The experiment `data` section of the tiny generated dataset."""
     return {"backend": "synthetic", "cache_dir": str(synthetic_cache), "synthetic": TINY_SYNTHETIC}
+
+
+def train(
+    output: Path, config: str, data: dict, *extra: str, experiment: str = "demo.yaml"
+) -> list[dict]:
+    """Train locally through model_def (in this process), 4 images a batch; returns the records
+    of `output/metrics.jsonl`."""
+    import model_def
+
+    model_def.main(
+        [
+            str(REPO / "experiments" / experiment),
+            "--local",
+            "--output",
+            str(output),
+            "--set",
+            f"hyperparameters.config_file={config}",
+            "--set",
+            "hyperparameters.global_batch_size=4",
+            "--set",
+            f"data={json.dumps(data)}",
+            *extra,
+        ]
+    )
+    return [json.loads(line) for line in (output / "metrics.jsonl").read_text().splitlines()]

@@ -17,7 +17,7 @@ import pytest
 from mmdet.registry import DATASETS
 from mmdet.utils import register_all_modules
 
-from tests.conftest import TINY_SYNTHETIC
+from tests.conftest import TINY_SYNTHETIC, train
 from utils.annotations import AnnotationError
 from utils.config import build_config
 from utils.data import ImageError, LoudDataset
@@ -124,21 +124,9 @@ def test_boxes_with_negative_size_or_outside_are_counted_skips(
 
 
 def test_empty_dataset_after_filtering_is_an_error(coco: Path, tmp_path: Path) -> None:
-    import model_def
-
     edit(coco, lambda ann: ann.update(annotations=[]))
-    args = [
-        str(Path(__file__).resolve().parent.parent / "experiments" / "demo.yaml"),
-        "--local",
-        "--output",
-        str(tmp_path / "run"),
-        "--max-batches",
-        "1",
-        "--set",
-        f"data={json.dumps(data_of(coco))}",
-    ]
     with pytest.raises(DataError, match="The train dataset is empty after mmdet's filtering"):
-        model_def.main(args)
+        train(tmp_path / "run", CONFIG["config_file"], data_of(coco), "--max-batches", "1")
 
 
 def test_class_list_mismatch(coco: Path) -> None:

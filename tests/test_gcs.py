@@ -29,6 +29,7 @@ from mmcv.transforms import LoadImageFromFile
 from mmengine import fileio
 from torch.utils.data import DataLoader, Dataset
 
+from tests.conftest import train
 from utils import gcs
 from utils.synthetic import CLASSES, MARKER, SyntheticSpec, ensure_dataset
 
@@ -371,8 +372,6 @@ def test_training_from_the_bucket_matches_disk(
     proxy: FaultProxy, local: Path, tmp_path: Path
 ) -> None:
     """A short training and validation read through GCS (with injected faults) equals disk."""
-    import model_def
-
     layout = {
         "train_ann": "annotations/instances_train.json",
         "val_ann": "annotations/instances_val.json",
@@ -389,31 +388,20 @@ def test_training_from_the_bucket_matches_disk(
         proxy.faults[f"{BUCKET}/{PREFIX}/{rel}"] = list(actions)
     records = {}
     for name, data in sources.items():
-        output = tmp_path / name
-        model_def.main(
-            [
-                str(Path(__file__).resolve().parent.parent / "experiments" / "demo.yaml"),
-                "--local",
-                "--output",
-                str(output),
-                "--max-batches",
-                "2",
-                "--report-every",
-                "1",
-                "--set",
-                "hyperparameters.config_file=configs/synthetic/retinanet_r18_fpn_synthetic.py",
-                "--set",
-                "hyperparameters.global_batch_size=4",
-                "--set",
-                # In-process loading, so this process's counters see every read.
-                "hyperparameters.override_mmdet_config="
-                "{train_dataloader.num_workers: 0, val_dataloader.num_workers: 0}",
-                "--set",
-                f"data={json.dumps({**data, 'cache_dir': str(tmp_path / 'cache')})}",
-            ]
+        run = train(
+            tmp_path / name,
+            "configs/synthetic/retinanet_r18_fpn_synthetic.py",
+            {**data, "cache_dir": str(tmp_path / "cache")},
+            "--max-batches",
+            "2",
+            "--report-every",
+            "1",
+            "--set",
+            # In-process loading, so this process's counters see every read.
+            "hyperparameters.override_mmdet_config="
+            "{train_dataloader.num_workers: 0, val_dataloader.num_workers: 0}",
         )
-        lines = (output / "metrics.jsonl").read_text().splitlines()
-        records[name] = [(r["kind"], r["batches"], r["metrics"]) for r in map(json.loads, lines)]
+        records[name] = [(r["kind"], r["batches"], r["metrics"]) for r in run]
     assert records["gcs"] == records["disk"]
     assert [kind for kind, _, _ in records["gcs"]] == ["training", "training", "validation"]
     # 2 batches of 4 training images and the 4 validation images, each read once, despite faults.

@@ -12,7 +12,7 @@ from mmcv.transforms import BaseTransform
 from mmdet.registry import TRANSFORMS
 
 import model_def
-from tests.conftest import TINY_SYNTHETIC
+from tests.conftest import TINY_SYNTHETIC, train
 
 REPO = Path(__file__).resolve().parent.parent
 COCO_NAMES = ("mAP", "mAP_50", "mAP_75", "mAP_s", "mAP_m", "mAP_l", "AR_100", "AR_300", "AR_1000")
@@ -29,25 +29,8 @@ class NanImage(BaseTransform):
 
 
 def run(output: Path, cache: Path, config: str, *extra: str) -> list[dict]:
-    args = [
-        str(REPO / "experiments" / "demo.yaml"),
-        "--local",
-        "--output",
-        str(output),
-        "--report-every",
-        "1",
-        "--set",
-        f"hyperparameters.config_file=configs/synthetic/{config}.py",
-        "--set",
-        "hyperparameters.global_batch_size=4",
-        "--set",
-        f"data.cache_dir={cache}",
-        "--set",
-        f"data.synthetic={json.dumps(TINY_SYNTHETIC)}",
-        *extra,
-    ]
-    model_def.main(args)
-    return [json.loads(line) for line in (output / "metrics.jsonl").read_text().splitlines()]
+    data = {"backend": "synthetic", "cache_dir": str(cache), "synthetic": TINY_SYNTHETIC}
+    return train(output, f"configs/synthetic/{config}.py", data, "--report-every", "1", *extra)
 
 
 @pytest.mark.parametrize(
@@ -211,23 +194,9 @@ def test_custom_coco_with_gaps_in_category_ids(tmp_path: Path, synthetic_cache: 
         "train_img_prefix": "images/",
         "val_img_prefix": "images/",
     }
-    args = [
-        str(REPO / "experiments" / "demo.yaml"),
-        "--local",
-        "--output",
-        str(tmp_path / "run"),
-        "--max-batches",
-        "2",
-        "--set",
-        "hyperparameters.config_file=configs/synthetic/retinanet_r18_fpn_synthetic.py",
-        "--set",
-        "hyperparameters.global_batch_size=4",
-        "--set",
-        f"data={json.dumps(data)}",
-    ]
-    model_def.main(args)
-    lines = (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()
-    (validation,) = [r["metrics"] for r in map(json.loads, lines) if r["kind"] == "validation"]
+    config = "configs/synthetic/retinanet_r18_fpn_synthetic.py"
+    records = train(tmp_path / "run", config, data, "--max-batches", "2")
+    (validation,) = [r["metrics"] for r in records if r["kind"] == "validation"]
     assert validation["num_images"] == TINY_SYNTHETIC["num_val"]  # the empty image is evaluated
     assert {f"bbox_{n}" for n in COCO_NAMES} <= set(validation)
     # mmdet maps the file's ids to contiguous labels by name, and the crowd box is ignored.
@@ -235,10 +204,7 @@ def test_custom_coco_with_gaps_in_category_ids(tmp_path: Path, synthetic_cache: 
 
     from utils.config import build_config
 
-    cfg = build_config(
-        {"config_file": "configs/synthetic/retinanet_r18_fpn_synthetic.py", "global_batch_size": 4},
-        data,
-    )
+    cfg = build_config({"config_file": config, "global_batch_size": 4}, data)
     dataset = DATASETS.build(cfg.val_dataloader.dataset)
     assert dataset.metainfo["classes"] == ("circle", "square", "triangle")
     assert dataset.cat2label == {3: 0, 7: 1, 11: 2}

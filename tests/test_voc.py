@@ -11,8 +11,7 @@ from pathlib import Path
 import cv2
 import pytest
 
-import model_def
-from tests.conftest import TINY_SYNTHETIC
+from tests.conftest import TINY_SYNTHETIC, train
 from utils.config import build_config
 from utils.datasource import DataError
 from utils.experiment import load_experiment, local_hparams
@@ -140,23 +139,15 @@ def test_voc_experiment_on_generated_data_is_coco(synthetic_data: dict) -> None:
 
 
 def test_trains_and_reports_voc_map(tmp_path: Path, devkit: Path) -> None:
-    args = [
-        str(REPO / "experiments" / "voc.yaml"),
-        "--local",
-        "--output",
-        str(tmp_path / "run"),
+    records = train(
+        tmp_path / "run",
+        VOC_SYNTHETIC,
+        voc_data(devkit),
         "--max-batches",
         "2",
-        "--set",
-        f"hyperparameters.config_file={VOC_SYNTHETIC}",
-        "--set",
-        "hyperparameters.global_batch_size=4",
-        "--set",
-        f"data={json.dumps(voc_data(devkit))}",
-    ]
-    model_def.main(args)
-    lines = (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()
-    (validation,) = [r["metrics"] for r in map(json.loads, lines) if r["kind"] == "validation"]
+        experiment="voc.yaml",
+    )
+    (validation,) = [r["metrics"] for r in records if r["kind"] == "validation"]
     assert validation["num_images"] == TINY_SYNTHETIC["num_val"]
     for name in ("voc_mAP", "voc_AP50"):
         assert math.isfinite(validation[name]) and 0.0 <= validation[name] <= 1.0
