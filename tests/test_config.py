@@ -144,6 +144,12 @@ def test_coco_experiments_build_on_synthetic_data_without_weights(
     assert cfg.train_cfg.max_epochs == 12 and cfg.train_cfg.val_interval == 1
 
 
+def test_synthetic_data_drops_the_configs_detector_weights(synthetic_data: dict) -> None:
+    config_file = "configs/maskrcnn_r50_fpn_finetune_small.py"
+    assert Config.fromfile(resolve_config_path(config_file)).load_from.startswith("https://")
+    assert "load_from" not in build_config(hparams(config_file=config_file), synthetic_data)
+
+
 def test_momentum_needs_an_optimizer_that_takes_it(tmp_path: Path, synthetic_data: dict) -> None:
     adamw = tmp_path / "adamw.py"
     adamw.write_text("optim_wrapper = dict(optimizer=dict(_delete_=True, type='AdamW', lr=1e-4))\n")

@@ -67,7 +67,9 @@ def apply_data_section(cfg: Config, data: dict[str, Any], verify_paths: bool = T
         root = str(synthetic.ensure_dataset(Path(data.get("cache_dir") or DEFAULT_CACHE), spec))
         layout = SYNTHETIC_LAYOUT
         # Generated shapes need no ImageNet features, and tests and demos must not download.
-        if drop_pretrained(cfg.model):
+        # The config's detector weights too (a `load_from` hyperparameter is the user's choice).
+        dropped = drop_pretrained(cfg.model) + bool(cfg.pop("load_from", None))
+        if dropped:
             logger.warning("data.backend=synthetic: the model's pretrained weights are not loaded.")
         ann_files = {split: Path(root, layout[f"{split}_ann"]) for split in SPLITS}
         data = {**data, "classes": data.get("classes") or list(synthetic.CLASSES)}
