@@ -78,6 +78,12 @@ def run_local(args: argparse.Namespace, trial_class: type[pytorch.PyTorchTrial])
     One process, or one per slot under `torchrun --nproc_per_node=N model_def.py ... --local`.
     """
     exp_conf = experiment.load_experiment(args.experiment, args.set)
+    # The YAML's environment variables, as a cluster sets them (e.g. MLFLOW_TRACKING_URI); ones
+    # already set in the shell win, so a local run can point elsewhere.
+    env = experiment.environment_variables(exp_conf, torch.cuda.is_available())
+    for name in [name for name in env if name not in os.environ]:
+        os.environ[name] = env[name]
+        print(f"environment.environment_variables: set {name}", flush=True)
     hparams = experiment.local_hparams(exp_conf.get("hyperparameters") or {})
     output = Path(args.output).resolve()
     output.mkdir(parents=True, exist_ok=True)

@@ -47,3 +47,13 @@ def train(
         ]
     )
     return [json.loads(line) for line in (output / "metrics.jsonl").read_text().splitlines()]
+
+
+@pytest.fixture(scope="session")
+def trained_maskrcnn(tmp_path_factory: pytest.TempPathFactory, synthetic_cache: Path) -> Path:
+    """One tiny Mask R-CNN run (2 batches, validated once), shared by the export and predict
+    tests: its output folder (checkpoint in `determined/<uuid>/`, `metrics.jsonl`)."""
+    output = tmp_path_factory.mktemp("maskrcnn-run")
+    data = {"backend": "synthetic", "cache_dir": str(synthetic_cache), "synthetic": TINY_SYNTHETIC}
+    train(output, "configs/synthetic/maskrcnn_r18_fpn_synthetic.py", data, "--max-batches", "2")
+    return output

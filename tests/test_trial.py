@@ -13,6 +13,7 @@ from mmdet.registry import TRANSFORMS
 
 import model_def
 from tests.conftest import TINY_SYNTHETIC, train
+from utils.synthetic import CLASSES
 
 REPO = Path(__file__).resolve().parent.parent
 COCO_NAMES = ("mAP", "mAP_50", "mAP_75", "mAP_s", "mAP_m", "mAP_l", "AR_100", "AR_300", "AR_1000")
@@ -55,6 +56,8 @@ def test_trains_validates_and_checkpoints(
     assert [r["batches"] for r in validation] == [3]
     metrics = validation[0]["metrics"]
     expected = {f"{task}_{name}" for task in tasks for name in COCO_NAMES}
+    # Per-class AP, grouped under one prefix per IoU type (3 classes: on by default).
+    expected |= {f"{task}_AP_per_class/{name}" for task in tasks for name in CLASSES}
     assert expected <= set(metrics)
     # pycocotools reports -1 where an area range has no ground truth (no large objects here).
     assert all(0.0 <= metrics[name] <= 1.0 or metrics[name] == -1.0 for name in expected)

@@ -14,7 +14,9 @@ from mmdet.utils import register_all_modules
 from utils.config import KNOWN_HPARAMS, ConfigError, build_config, resolve_config_path
 from utils.config import training_length as config_training_length
 from utils.datasource import DataError, base_dataset
+from utils.evaluation import coco_backend
 from utils.experiment import ExperimentError, local_hparams, training_length
+from utils.visualize import visualization_settings
 
 NUMERIC = ("lr", "weight_decay", "momentum")
 SEARCHER_KEYS = ("max_trials", "max_concurrent_trials", "time_metric", "max_time", "max_rungs")
@@ -74,6 +76,16 @@ def hparam_problems(specs: dict[str, Any], slots: int) -> list[str]:
                 problems.append(
                     "hyperparameters.override_mmdet_config must map dotted keys to values."
                 )
+            elif name == "coco_backend":
+                try:
+                    coco_backend(value)
+                except ConfigError as err:
+                    problems.append(str(err))
+            elif name == "visualization":
+                try:
+                    visualization_settings({name: value})
+                except ConfigError as err:
+                    problems.append(str(err))
     return problems
 
 

@@ -28,7 +28,9 @@ KNOWN_HPARAMS = (
     "weight_decay",
     "momentum",
     "auto_scale_lr",
+    "coco_backend",
     "load_from",
+    "visualization",
 )
 
 

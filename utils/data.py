@@ -7,17 +7,19 @@ from collections.abc import Iterator
 from typing import Any
 
 import numpy as np
-from torch.utils.data import Dataset, Sampler
+import torch
+from torch.utils.data import Dataset, Sampler, get_worker_info
 
 
 class GroupedBatchSampler(Sampler[list[tuple[int, int]]]):
     """Shuffled global batches of images with the same orientation, cut into per-rank slices.
 
-    Like mmdet's AspectRatioBatchSampler, but each pass is a function of (seed, pass number), so a
-    training engine can repeat it, hand consecutive slices to ranks 0..N-1 (Determined deals whole
-    batches round-robin) and skip the batches already trained when a run resumes. Every optimizer
-    step then sees the same images whatever the number of ranks. It yields `(pass, index)` keys
-    for `SeededDataset`.
+    On one rank the batches are those of mmengine's DefaultSampler(shuffle=True, seed) under
+    mmdet's AspectRatioBatchSampler, epoch by epoch. Each pass is a function of (seed, pass
+    number), so a training engine can repeat it, hand consecutive slices to ranks 0..N-1
+    (Determined deals whole batches round-robin) and skip the batches already trained when a run
+    resumes. Every optimizer step then sees the same images whatever the number of ranks. It
+    yields `(pass, index)` keys for `SeededDataset`.
 
     Args:
         dataset: an mmdet dataset (`get_data_info(i)` gives `width` and `height`).
@@ -50,11 +52,14 @@ class GroupedBatchSampler(Sampler[list[tuple[int, int]]]):
     def slices_of_pass(self, this_pass: int) -> list[list[tuple[int, int]]]:
         """The pass's global batches, each cut into `num_replicas` consecutive slices."""
         global_batch = self.batch_size * self.num_replicas
-        order = np.random.default_rng([self.seed, this_pass]).permutation(len(self.portrait))
+        # mmengine's DefaultSampler order for epoch `this_pass`: the same generator and seed.
+        generator = torch.Generator().manual_seed(self.seed + this_pass)
+        order = torch.randperm(len(self.portrait), generator=generator).tolist()
         batches: list[list[tuple[int, int]]] = []
+        # Portrait first, as in mmdet's buckets: the leftovers fill the last batches in this order.
         buckets: tuple[list[tuple[int, int]], ...] = ([], [])
         for index in order:
-            bucket = buckets[int(self.portrait[index])]
+            bucket = buckets[0 if self.portrait[index] else 1]
             bucket.append((this_pass, int(index)))
             if len(bucket) == global_batch:
                 batches.append(bucket.copy())
@@ -89,6 +94,12 @@ class SeededDataset(Dataset):
     def __getitem__(self, key: tuple[int, int]) -> Any:
         this_pass, index = key
         sample_seed = np.random.SeedSequence([self.seed, this_pass, index]).generate_state(1)[0]
+        if get_worker_info() is not None:
+            # A worker's generators serve only its samples, each reseeded: nothing to restore
+            # (saving numpy's state would cost more than the seeding).
+            np.random.seed(sample_seed)
+            random.seed(int(sample_seed))
+            return self.dataset[index]
         np_state, py_state = np.random.get_state(), random.getstate()
         np.random.seed(sample_seed)
         random.seed(int(sample_seed))
@@ -129,3 +140,39 @@ class LoudDataset(Dataset):
 
 class ImageError(RuntimeError):
     """A training or validation image that cannot be loaded, named with what to do."""
+
+
+class LoaderSeedDraws:
+    """Draws from the global torch generator where mmengine's runner starts its data loaders.
+
+    Each new torch DataLoader iterator takes its workers' base seed from the global generator:
+    mmengine's runner starts one per training epoch and per validation (only the first of each
+    when the loader keeps persistent workers). The trial's loaders draw from their own generators
+    (exact resumes), so it calls these at the same points, and the model's own random draws
+    (e.g. the RPN and RoI samplers of Mask R-CNN) follow mmengine's stream for the same seed.
+
+    Args:
+        train_persistent: mmengine would keep the training loader's workers between epochs.
+        val_persistent: the same for the validation loader.
+        epoch_length: batches per training epoch.
+    """
+
+    def __init__(self, train_persistent: bool, val_persistent: bool, epoch_length: int) -> None:
+        self.train_persistent = train_persistent
+        self.val_persistent = val_persistent
+        self.epoch_length = epoch_length
+
+    def before_train_batch(self, trained: int) -> None:
+        """Before the batch that follows `trained` batches of the run."""
+        if trained % self.epoch_length == 0 and not (self.train_persistent and trained > 0):
+            draw_loader_seed()
+
+    def before_validation(self, first: bool) -> None:
+        """Before a validation; `first`: the run's first one."""
+        if first or not self.val_persistent:
+            draw_loader_seed()
+
+
+def draw_loader_seed() -> None:
+    """What a new torch DataLoader iterator without a generator of its own takes from torch."""
+    torch.empty((), dtype=torch.int64).random_()

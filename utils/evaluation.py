@@ -1,40 +1,72 @@
-"""COCO evaluation with MMDetection's own metrics (pycocotools), safe to split across ranks.
+"""COCO evaluation with MMDetection's own metrics, safe to split across ranks.
 
 Each rank keeps the metric entries of the images it predicted, keyed by image id; `compute` merges
 the entries of all ranks, counts every image once (distributed samplers may repeat images to pad
-the last batches), and evaluates them with the config's `val_evaluator`.
+the last batches), and evaluates them with the config's `val_evaluator`. Its CocoMetrics are
+evaluated by faster-coco-eval, or by pycocotools (the reference), see `utils.coco_metric`.
 """
 
 from __future__ import annotations
 
 import copy
+import importlib.util
+import logging
 import math
 import re
 from typing import Any
 
+import torch
 from mmengine.config import Config
 from mmengine.registry import METRICS
 
+from utils.coco_metric import (
+    BACKENDS,
+    DEFAULT_BACKEND,
+    STAT_NAMES,
+    BackendCocoMetric,
+    encode_masks,
+)
+from utils.config import ConfigError
+
+logger = logging.getLogger(__name__)
+
 # All 12 COCO statistics, in pycocotools' order, under mmdet's names.
-COCO_ITEMS = (
-    "mAP", "mAP_50", "mAP_75", "mAP_s", "mAP_m", "mAP_l",
-    "AR@100", "AR@300", "AR@1000", "AR_s@1000", "AR_m@1000", "AR_l@1000",
-)  # fmt: skip
+COCO_ITEMS = STAT_NAMES
+
+
+def coco_backend(name: str | None) -> str:
+    """The `coco_backend` hyperparameter checked; unset: faster-coco-eval where installed."""
+    if name is None:
+        if importlib.util.find_spec("faster_coco_eval") is not None:
+            return DEFAULT_BACKEND
+        logger.warning("faster-coco-eval is not installed: COCO metrics by pycocotools (slower).")
+        return "pycocotools"
+    if name not in BACKENDS:
+        raise ConfigError(
+            f"hyperparameters.coco_backend is {name!r}: use one of {', '.join(BACKENDS)}."
+        )
+    return name
 
 
 class CocoEvaluator:
     """Collects per-image metric entries with `update`; `compute` evaluates them once per image."""
 
-    def __init__(self, cfg: Config) -> None:
+    def __init__(self, cfg: Config, backend: str | None = None) -> None:
+        """`backend`: the COCO engine of CocoMetrics (`BACKENDS`); None: the default."""
+        self.backend = coco_backend(backend)
         evaluator_cfgs = cfg.val_evaluator
         if not isinstance(evaluator_cfgs, (list, tuple)):
             evaluator_cfgs = [evaluator_cfgs]
         self.metrics = []
         for metric_cfg in evaluator_cfgs:
             metric_cfg = copy.deepcopy(metric_cfg)
-            if metric_cfg.type == "CocoMetric" and "metric_items" not in metric_cfg:
-                metric_cfg.metric_items = list(COCO_ITEMS)
-            self.metrics.append(METRICS.build(metric_cfg))
+            if metric_cfg.type not in ("CocoMetric", "mmdet.CocoMetric"):
+                self.metrics.append(METRICS.build(metric_cfg))
+                continue
+            metric_cfg.pop("type")
+            metric_cfg.pop("_scope_", None)  # a registry key; the class is built directly here
+            metric_cfg.setdefault("metric_items", list(COCO_ITEMS))
+            self.metrics.append(BackendCocoMetric(backend=self.backend, **metric_cfg))
         self.entries: list[tuple[Any, list[list[Any]]]] = []
 
     def set_dataset_meta(self, meta: dict[str, Any]) -> None:
@@ -48,6 +80,10 @@ class CocoEvaluator:
         """Add the predictions (DetDataSample with `pred_instances`) of one batch."""
         for sample in data_samples:
             output = sample.to_dict()
+            pred = output["pred_instances"]
+            if isinstance(pred.get("masks"), torch.Tensor):
+                # Once for all metrics and in one call: the metrics take encoded masks as they are.
+                pred["masks"] = encode_masks(pred["masks"].detach().cpu().numpy())
             per_metric = []
             for metric in self.metrics:
                 metric.process({}, [output])
@@ -68,11 +104,6 @@ class CocoEvaluator:
         for index, metric in enumerate(self.metrics):
             metric_results = [e for img_id in sorted(by_image) for e in by_image[img_id][index]]
             results.update(metric.compute_metrics(metric_results))
-            if hasattr(metric, "metric_items"):
-                # CocoMetric returns nothing for an IoU type without any detection: its mAP is 0.
-                for iou_type in metric.metrics:
-                    for item in metric.metric_items or ():
-                        results.setdefault(f"{iou_type}_{item}", 0.0)
         metrics = flatten_metrics(results)
         metrics["num_images"] = float(len(by_image))
         return metrics

@@ -113,3 +113,20 @@ def training_length(searcher: dict[str, Any]) -> tuple[int, str] | None:
             f"searcher.max_length {length!r}: use {{batches: N}} or {{epochs: N}}, or max_time."
         )
     return None
+
+
+def environment_variables(exp_conf: dict[str, Any], cuda: bool) -> dict[str, str]:
+    """`environment.environment_variables` as a cluster's container gets them: a list of
+    `KEY=VALUE`, or lists per device type (`cpu`, `cuda`, its old name `gpu`, `rocm`)."""
+    entries = (exp_conf.get("environment") or {}).get("environment_variables") or []
+    if isinstance(entries, dict):
+        device = ("cuda", "gpu") if cuda else ("cpu",)
+        entries = next((entries[d] for d in device if entries.get(d)), [])
+    variables = {}
+    for entry in entries:
+        key, sep, value = str(entry).partition("=")
+        if not key:
+            raise ExperimentError(f"environment.environment_variables: {entry!r} is not KEY=VALUE.")
+        if sep:  # a bare KEY passes the host's value through, as with Docker
+            variables[key] = value
+    return variables

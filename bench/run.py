@@ -1,0 +1,189 @@
+"""Run the benchmarks, print the table and write the report.
+
+    python -m bench.run [--quick] [--repeats N] [--out docs/benchmarks.md]
+
+Each section is a module bench/<name>.py with `measure(quick: bool) -> list[dict]` (one dict per
+row: measure, unit, ours, baseline, baseline_name, ratio, ratio_definition, goal, met, details);
+a section whose `measure` also takes `repeats` gets --repeats. `--quick` is CI's smoke: tiny
+sizes, the same code paths. A section that cannot be imported is named in the output as missing;
+one that fails makes the exit status 1.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import importlib
+import inspect
+import math
+import os
+import platform
+import sys
+import time
+import traceback
+import warnings
+from importlib import metadata
+from pathlib import Path
+from typing import Any
+
+SECTIONS = ("training", "evaluation")
+KEYS = ("measure", "unit", "ours", "baseline", "baseline_name", "ratio", "ratio_definition")
+KEYS += ("goal", "met", "details")
+PACKAGES = ("torch", "torchvision", "mmcv", "mmengine", "mmdet", "numpy", "determined")
+PACKAGES += ("pycocotools", "faster-coco-eval")
+
+
+def run_section(name: str, quick: bool, repeats: int | None) -> tuple[list[dict], str | None]:
+    """The section's rows, or no rows and why (missing or failed)."""
+    try:
+        module = importlib.import_module(f"bench.{name}")
+    except ModuleNotFoundError as err:
+        if err.name == f"bench.{name}":
+            return [], f"missing: bench/{name}.py does not exist"
+        return [], f"missing: bench/{name}.py cannot be imported ({err})"
+    kwargs = {}
+    if repeats is not None and "repeats" in inspect.signature(module.measure).parameters:
+        kwargs["repeats"] = repeats
+    try:
+        rows = module.measure(quick, **kwargs)
+    except Exception:
+        return [], "failed:\n" + traceback.format_exc()
+    for row in rows:
+        lacking = [key for key in KEYS if key not in row]
+        numbers = [row.get(key) for key in ("ours", "baseline", "ratio")]
+        if lacking or not all(isinstance(v, int | float) and math.isfinite(v) for v in numbers):
+            return [], f"failed: a row lacks {lacking} or has non-finite figures: {row}"
+    return rows, None
+
+
+def machine() -> dict[str, str]:
+    cpu = next(
+        (
+            line.split(":", 1)[1].strip()
+            for line in read_lines("/proc/cpuinfo")
+            if line.startswith("model name")
+        ),
+        platform.processor() or "unknown",
+    )
+    mem_kb = next(
+        (
+            int(line.split()[1])
+            for line in read_lines("/proc/meminfo")
+            if line.startswith("MemTotal")
+        ),
+        0,
+    )
+    return {
+        "CPU": cpu,
+        "cores": str(os.cpu_count()),
+        "RAM": f"{mem_kb / 1024**2:.1f} GiB" if mem_kb else "unknown",
+        "GPU": "none (CPU runs)",
+        "OS": platform.platform(),
+        "Python": platform.python_version(),
+    }
+
+
+def read_lines(path: str) -> list[str]:
+    try:
+        return Path(path).read_text().splitlines()
+    except OSError:
+        return []
+
+
+def versions() -> str:
+    found = []
+    for package in PACKAGES:
+        try:
+            found.append(f"{package} {metadata.version(package)}")
+        except metadata.PackageNotFoundError:
+            found.append(f"{package} (not installed)")
+    return ", ".join(found)
+
+
+def table(rows: list[dict]) -> list[str]:
+    lines = [
+        "| measure | ours | baseline | unit | ratio | goal | met |",
+        "| --- | --- | --- | --- | --- | --- | --- |",
+    ]
+    for row in rows:
+        lines.append(
+            f"| {row['measure']} | {row['ours']:.4g} | {row['baseline']:.4g} | {row['unit']} | "
+            f"{row['ratio']:.3f} | {row['goal']} | {'yes' if row['met'] else 'NO'} |"
+        )
+    return lines
+
+
+def report(
+    command: str,
+    started: datetime.datetime,
+    seconds: float,
+    load: tuple[tuple[float, ...], tuple[float, ...]],
+    rows: list[dict],
+    problems: dict[str, str],
+) -> str:
+    lines = ["# Benchmarks", "", "Written by `bench/run.py`; do not edit by hand.", ""]
+    lines += [f"- command: `{command}`", f"- date: {started:%Y-%m-%d %H:%M} UTC"]
+    lines += [f"- {key}: {value}" for key, value in machine().items()]
+    lines += [f"- versions: {versions()}"]
+    lines += [
+        f"- run time: {seconds / 60:.1f} min; load average before {load[0][0]:.2f}, "
+        f"after {load[1][0]:.2f} (1 min)",
+        "",
+    ]
+    lines += table(rows)
+    lines += ["", "## Details", ""]
+    for row in rows:
+        lines += [
+            f"- **{row['measure']}** (baseline: {row['baseline_name']}; ratio = "
+            f"{row['ratio_definition']}): {row['details']}"
+        ]
+    for name, problem in problems.items():
+        lines += ["", f"## Section `{name}`: {problem.splitlines()[0]}", ""]
+        if len(problem.splitlines()) > 1:
+            lines += ["```", *problem.splitlines()[1:], "```"]
+    return "\n".join(lines) + "\n"
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--quick", action="store_true", help="CI smoke: tiny sizes, seconds")
+    parser.add_argument(
+        "--repeats", type=int, help="repetitions per measure (sections that take it)"
+    )
+    parser.add_argument("--out", default="docs/benchmarks.md", help="the Markdown report")
+    args = parser.parse_args(argv)
+    if args.repeats is not None and args.repeats < 1:
+        parser.error("--repeats must be at least 1")
+    warnings.filterwarnings("ignore", message="pkg_resources is deprecated")
+
+    started, clock, load_before = (
+        datetime.datetime.now(datetime.UTC),
+        time.monotonic(),
+        os.getloadavg(),
+    )
+    rows: list[dict[str, Any]] = []
+    problems: dict[str, str] = {}
+    for name in SECTIONS:
+        print(f"== section {name}", flush=True)
+        section_rows, problem = run_section(name, args.quick, args.repeats)
+        rows += section_rows
+        if problem:
+            problems[name] = problem
+            print(f"section {name}: {problem}", flush=True)
+    command = " ".join(["python -m bench.run", *argv])
+    text = report(
+        command, started, time.monotonic() - clock, (load_before, os.getloadavg()), rows, problems
+    )
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(text)
+    print("\n".join(table(rows)))
+    for name, problem in problems.items():
+        print(f"section {name}: {problem.splitlines()[0]}")
+    print(f"Report: {out}")
+    return 1 if any(p.startswith("failed") for p in problems.values()) else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

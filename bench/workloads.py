@@ -1,0 +1,137 @@
+"""What one measured subprocess runs: a training or a data loader pass, ours or mmengine's.
+
+Run as `python -m bench.workloads SPEC.json RESULT.json`; bench.training starts one process per
+measurement so that each has its own peak memory and no state carries over. SPEC holds `kind`
+("train" or "loader"), `side` ("ours" or "mmengine"), `sets` (the experiment `--set` overrides
+both sides build their config from), `output` (a scratch folder) and, for loaders, `passes`.
+RESULT receives `stamps` (wall-clock seconds at the start of each training iteration, or after
+each loaded batch), `cpu` (the process's CPU seconds at the same points), `images` (images per
+batch) and `peak_mb` (the process's peak resident memory; loader workers share its pages and are
+not counted).
+"""
+
+from __future__ import annotations
+
+import json
+import resource
+import sys
+import time
+import warnings
+from pathlib import Path
+from typing import Any
+
+REPO = Path(__file__).resolve().parent.parent
+EXPERIMENT = REPO / "experiments" / "demo.yaml"
+
+
+def build_cfg(sets: list[str]) -> Any:
+    """The mmdet config our trial builds from demo.yaml with these overrides (one slot)."""
+    from utils import experiment
+    from utils.config import build_config
+
+    exp_conf = experiment.load_experiment(EXPERIMENT, sets)
+    return build_config(experiment.local_hparams(exp_conf["hyperparameters"]), exp_conf["data"])
+
+
+def train_ours(spec: dict[str, Any]) -> list[tuple[float, float]]:
+    """A local run of our trial through Determined's Trainer, stamped at each train_batch."""
+    import model_def
+    from local_run import run_local
+
+    stamps: list[tuple[float, float]] = []
+
+    class StampedTrial(model_def.MMDetTrial):
+        def train_batch(self, batch: Any, epoch_idx: int, batch_idx: int) -> dict[str, Any]:
+            stamps.append((time.perf_counter(), time.process_time()))
+            return super().train_batch(batch, epoch_idx, batch_idx)
+
+    argv = [str(EXPERIMENT), "--local", "--output", spec["output"]]
+    args = model_def.parse_args(
+        argv + [part for value in spec["sets"] for part in ("--set", value)]
+    )
+    run_local(args, StampedTrial)
+    return stamps
+
+
+def train_mmengine(spec: dict[str, Any]) -> list[tuple[float, float]]:
+    """mmdet's tools/train.py path: `Runner.from_cfg(cfg).train()`, stamped by a hook."""
+    from mmengine.hooks import Hook
+    from mmengine.runner import Runner
+
+    cfg = build_cfg(spec["sets"])
+    cfg.work_dir = spec["output"]
+    cfg.launcher = "none"
+    stamps: list[tuple[float, float]] = []
+
+    class Stamps(Hook):
+        priority = "HIGHEST"
+
+        def before_train_iter(self, runner, batch_idx, data_batch=None) -> None:
+            stamps.append((time.perf_counter(), time.process_time()))
+
+    runner = Runner.from_cfg(cfg)
+    runner.register_hook(Stamps())
+    runner.train()
+    return stamps
+
+
+def load_ours(spec: dict[str, Any]) -> tuple[list[tuple[float, float]], list[int]]:
+    """The trial's training loader, as Determined's Trainer iterates it (one repeated stream)."""
+    from determined import pytorch
+
+    import model_def
+    from utils import experiment
+
+    exp_conf = experiment.load_experiment(EXPERIMENT, spec["sets"])
+    hparams = experiment.local_hparams(exp_conf["hyperparameters"])
+    with pytorch.init(hparams=hparams, exp_conf=exp_conf) as context:
+        trial = model_def.MMDetTrial(context)
+        det_loader = trial.build_training_data_loader()
+        batches = spec["passes"] * len(det_loader)
+        loader = det_loader.get_data_loader(repeat=True)
+        stamps, images = [], []
+        for count, batch in enumerate(loader, start=1):
+            stamps.append((time.perf_counter(), time.process_time()))
+            images.append(len(batch["inputs"]))
+            if count == batches:
+                break
+    return stamps, images
+
+
+def load_mmengine(spec: dict[str, Any]) -> tuple[list[tuple[float, float]], list[int]]:
+    """mmengine's training loader from the same config, epoch by epoch as its train loop runs."""
+    from mmdet.utils import register_all_modules
+    from mmengine.runner import Runner
+
+    register_all_modules(init_default_scope=True)
+    cfg = build_cfg(spec["sets"])
+    loader = Runner.build_dataloader(cfg.train_dataloader, seed=cfg.randomness.seed)
+    stamps, images = [], []
+    for epoch in range(spec["passes"]):
+        loader.batch_sampler.sampler.set_epoch(epoch)  # as mmengine's DistSamplerSeedHook
+        for batch in loader:
+            stamps.append((time.perf_counter(), time.process_time()))
+            images.append(len(batch["inputs"]))
+    return stamps, images
+
+
+def main(spec_path: str, result_path: str) -> None:
+    warnings.filterwarnings("ignore")
+    sys.path.insert(0, str(REPO))
+    spec = json.loads(Path(spec_path).read_text())
+    images: list[int] = []
+    if spec["kind"] == "train":
+        stamps = (train_ours if spec["side"] == "ours" else train_mmengine)(spec)
+    else:
+        stamps, images = (load_ours if spec["side"] == "ours" else load_mmengine)(spec)
+    result = {
+        "stamps": [wall for wall, _ in stamps],
+        "cpu": [cpu for _, cpu in stamps],
+        "images": images,
+        "peak_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+    }
+    Path(result_path).write_text(json.dumps(result))
+
+
+if __name__ == "__main__":
+    main(*sys.argv[1:3])
