@@ -43,6 +43,8 @@ def broken(change: str) -> dict:
         hp["lr"] = {"type": "categorical", "vals": [0.01, "fast"]}
     elif change == "root":
         del exp["data"]["root"]
+    elif change == "mlflow":
+        exp["data"]["mlflow"] = {"tracking_url": "http://mlflow:5000"}
     return exp
 
 
@@ -55,11 +57,21 @@ def broken(change: str) -> dict:
         ("name", "hyperparameters.learning_rate is not read by the trial"),
         ("type", "hyperparameters.lr must be a number, not 'fast'"),
         ("root", "data.root is not set"),
+        ("mlflow", "data.mlflow: unknown key(s) tracking_url"),
     ],
 )
 def test_broken_variants_are_named(change: str, message: str) -> None:
     _, problems = check_experiment(broken(change))
     assert any(message in problem for problem in problems), problems
+
+
+def test_mlflow_tracking_is_summarised_without_credentials() -> None:
+    exp = maskrcnn()
+    exp["data"]["mlflow"] = {"tracking_uri": "https://ann:s3cret@mlflow.example:5000"}
+    summary, problems = check_experiment(exp)
+    assert problems == []
+    (line,) = [line for line in summary if line.startswith("mlflow:")]
+    assert "mlflow.example:5000" in line and "s3cret" not in line
 
 
 def test_command_exits_nonzero_with_the_list(

@@ -16,6 +16,7 @@ from utils.config import training_length as config_training_length
 from utils.datasource import DataError, base_dataset
 from utils.evaluation import coco_backend
 from utils.experiment import ExperimentError, local_hparams, training_length
+from utils.tracking import TrackingError, mlflow_settings, redact
 from utils.visualize import visualization_settings
 
 NUMERIC = ("lr", "weight_decay", "momentum")
@@ -97,6 +98,11 @@ def check_experiment(exp: dict[str, Any]) -> tuple[list[str], list[str]]:
     searcher = exp.get("searcher") or {}
     problems = hparam_problems(specs, slots)
     try:
+        tracking = mlflow_settings(exp)
+    except TrackingError as err:
+        tracking = None
+        problems.append(str(err))
+    try:
         length = training_length(searcher)
         cfg = build_config(local_hparams(specs), data, slots, verify_paths=False)
         register_all_modules(init_default_scope=True)
@@ -140,6 +146,9 @@ def check_experiment(exp: dict[str, Any]) -> tuple[list[str], list[str]]:
         f"optimizer: {optimizer.type}, lr {optimizer.lr:g}"
         + (" (scaled to the global batch)" if specs.get("auto_scale_lr") else ""),
     ]
+    if tracking is not None:
+        where = redact(tracking.tracking_uri or "MLflow's default store")
+        summary.append(f"mlflow: experiment {tracking.experiment_name!r} at {where}")
     searched = [f"{k} ({v['type']})" for k, v in specs.items() if _is_searched(v)]
     if searched:
         summary.append(f"searched (a local run uses one value): {', '.join(searched)}")
