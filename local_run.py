@@ -8,8 +8,10 @@ trained, and reporting progress and metrics.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
+import socket
 import time
 from pathlib import Path
 from typing import Any
@@ -69,7 +71,31 @@ def local_distributed() -> det.core.DistributedContext | None:
     if torch.cuda.is_available():
         torch.cuda.set_device(int(os.environ["LOCAL_RANK"]))
     torch.distributed.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
-    return det.core.DistributedContext.from_torch_distributed()
+    # Determined's own IPC listens on fixed ports by default: two local runs on one host would
+    # talk to each other's chief. The chief picks free ones and tells the other ranks.
+    ports = free_ports(2) if torch.distributed.get_rank() == 0 else [0, 0]
+    torch.distributed.broadcast_object_list(ports, src=0)
+    env = os.environ
+    return det.core.DistributedContext(
+        rank=int(env["RANK"]),
+        size=int(env["WORLD_SIZE"]),
+        local_rank=int(env["LOCAL_RANK"]),
+        local_size=int(env["LOCAL_WORLD_SIZE"]),
+        cross_rank=int(env["GROUP_RANK"]),
+        cross_size=int(env["GROUP_WORLD_SIZE"]),
+        chief_ip=env.get("MASTER_ADDR"),
+        pub_port=ports[0],
+        pull_port=ports[1],
+    )
+
+
+def free_ports(count: int) -> list[int]:
+    """`count` different TCP ports free on this host now (the OS picks them)."""
+    with contextlib.ExitStack() as stack:
+        probes = [stack.enter_context(socket.socket()) for _ in range(count)]
+        for probe in probes:
+            probe.bind(("", 0))
+        return [probe.getsockname()[1] for probe in probes]
 
 
 def run_local(args: argparse.Namespace, trial_class: type[pytorch.PyTorchTrial]) -> Path:

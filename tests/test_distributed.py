@@ -7,6 +7,7 @@ import math
 import os
 import subprocess
 import sys
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
@@ -76,6 +77,15 @@ def test_two_ranks_share_the_global_batch_and_evaluate_each_image_once(
     assert len([k for k in validation if k.startswith("bbox_AP_per_class/")]) == 3
     (checkpoint,) = (tmp_path / "determined").iterdir()
     assert (checkpoint / "state_dict.pth").is_file()
+
+
+def test_two_local_runs_on_one_host_keep_apart(tmp_path: Path, synthetic_cache: Path) -> None:
+    """Determined's IPC ports are picked per run: two 2-rank runs at once both complete."""
+    outputs = [tmp_path / "a", tmp_path / "b"]
+    with ThreadPoolExecutor(2) as pool:
+        runs = [pool.submit(run, out, synthetic_cache, 2, "--max-batches", "1") for out in outputs]
+        for records in (future.result() for future in runs):
+            assert [r["batches"] for r in records if r["kind"] == "training"] == [1]
 
 
 @pytest.mark.parametrize("ranks", [1, 2])
