@@ -77,10 +77,18 @@ def machine() -> dict[str, str]:
         "CPU": cpu,
         "cores": str(os.cpu_count()),
         "RAM": f"{mem_kb / 1024**2:.1f} GiB" if mem_kb else "unknown",
-        "GPU": "none (CPU runs)",
+        "GPU": gpu(),
         "OS": platform.platform(),
         "Python": platform.python_version(),
     }
+
+
+def gpu() -> str:
+    import torch
+
+    if not torch.cuda.is_available():
+        return "none (the runs use the CPU)"
+    return f"{torch.cuda.device_count()} x {torch.cuda.get_device_name(0)}"
 
 
 def read_lines(path: str) -> list[str]:

@@ -5,9 +5,9 @@ measurement so that each has its own peak memory and no state carries over. SPEC
 ("train" or "loader"), `side` ("ours" or "mmengine"), `sets` (the experiment `--set` overrides
 both sides build their config from), `output` (a scratch folder) and, for loaders, `passes`.
 RESULT receives `stamps` (wall-clock seconds at the start of each training iteration, or after
-each loaded batch), `cpu` (the process's CPU seconds at the same points), `images` (images per
-batch) and `peak_mb` (the process's peak resident memory; loader workers share its pages and are
-not counted).
+each loaded batch), `cpu` (the process's CPU seconds at the same points), `peak_so_far_mb` (its
+peak resident memory up to each point), `images` (images per batch) and `peak_mb` (the peak of the
+whole run; loader workers share the process's pages and are not counted).
 """
 
 from __future__ import annotations
@@ -24,6 +24,12 @@ REPO = Path(__file__).resolve().parent.parent
 EXPERIMENT = REPO / "experiments" / "demo.yaml"
 
 
+def stamp() -> tuple[float, float, float]:
+    """Wall-clock seconds, the process's CPU seconds and its peak resident memory so far (MB)."""
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    return time.perf_counter(), time.process_time(), peak
+
+
 def build_cfg(sets: list[str]) -> Any:
     """The mmdet config our trial builds from demo.yaml with these overrides (one slot)."""
     from utils import experiment
@@ -33,16 +39,16 @@ def build_cfg(sets: list[str]) -> Any:
     return build_config(experiment.local_hparams(exp_conf["hyperparameters"]), exp_conf["data"])
 
 
-def train_ours(spec: dict[str, Any]) -> list[tuple[float, float]]:
+def train_ours(spec: dict[str, Any]) -> list[tuple[float, ...]]:
     """A local run of our trial through Determined's Trainer, stamped at each train_batch."""
     import model_def
     from local_run import run_local
 
-    stamps: list[tuple[float, float]] = []
+    stamps: list[tuple[float, ...]] = []
 
     class StampedTrial(model_def.MMDetTrial):
         def train_batch(self, batch: Any, epoch_idx: int, batch_idx: int) -> dict[str, Any]:
-            stamps.append((time.perf_counter(), time.process_time()))
+            stamps.append(stamp())
             return super().train_batch(batch, epoch_idx, batch_idx)
 
     argv = [str(EXPERIMENT), "--local", "--output", spec["output"]]
@@ -53,7 +59,7 @@ def train_ours(spec: dict[str, Any]) -> list[tuple[float, float]]:
     return stamps
 
 
-def train_mmengine(spec: dict[str, Any]) -> list[tuple[float, float]]:
+def train_mmengine(spec: dict[str, Any]) -> list[tuple[float, ...]]:
     """mmdet's tools/train.py path: `Runner.from_cfg(cfg).train()`, stamped by a hook."""
     from mmengine.hooks import Hook
     from mmengine.runner import Runner
@@ -61,13 +67,13 @@ def train_mmengine(spec: dict[str, Any]) -> list[tuple[float, float]]:
     cfg = build_cfg(spec["sets"])
     cfg.work_dir = spec["output"]
     cfg.launcher = "none"
-    stamps: list[tuple[float, float]] = []
+    stamps: list[tuple[float, ...]] = []
 
     class Stamps(Hook):
         priority = "HIGHEST"
 
         def before_train_iter(self, runner, batch_idx, data_batch=None) -> None:
-            stamps.append((time.perf_counter(), time.process_time()))
+            stamps.append(stamp())
 
     runner = Runner.from_cfg(cfg)
     runner.register_hook(Stamps())
@@ -75,7 +81,7 @@ def train_mmengine(spec: dict[str, Any]) -> list[tuple[float, float]]:
     return stamps
 
 
-def load_ours(spec: dict[str, Any]) -> tuple[list[tuple[float, float]], list[int]]:
+def load_ours(spec: dict[str, Any]) -> tuple[list[tuple[float, ...]], list[int]]:
     """The trial's training loader, as Determined's Trainer iterates it (one repeated stream)."""
     from determined import pytorch
 
@@ -91,26 +97,30 @@ def load_ours(spec: dict[str, Any]) -> tuple[list[tuple[float, float]], list[int
         loader = det_loader.get_data_loader(repeat=True)
         stamps, images = [], []
         for count, batch in enumerate(loader, start=1):
-            stamps.append((time.perf_counter(), time.process_time()))
+            stamps.append(stamp())
             images.append(len(batch["inputs"]))
             if count == batches:
                 break
     return stamps, images
 
 
-def load_mmengine(spec: dict[str, Any]) -> tuple[list[tuple[float, float]], list[int]]:
-    """mmengine's training loader from the same config, epoch by epoch as its train loop runs."""
-    from mmdet.utils import register_all_modules
+def load_mmengine(spec: dict[str, Any]) -> tuple[list[tuple[float, ...]], list[int]]:
+    """The Runner's training loader from the same config, epoch by epoch as its train loop runs.
+
+    Built by a Runner, as the trial's is built by the trial: the workers fork from a process that
+    holds the model, as they do in training (their garbage collector walks what they inherit).
+    """
     from mmengine.runner import Runner
 
-    register_all_modules(init_default_scope=True)
     cfg = build_cfg(spec["sets"])
-    loader = Runner.build_dataloader(cfg.train_dataloader, seed=cfg.randomness.seed)
+    cfg.work_dir = spec["output"]
+    cfg.launcher = "none"
+    loader = Runner.from_cfg(cfg).train_dataloader
     stamps, images = [], []
     for epoch in range(spec["passes"]):
         loader.batch_sampler.sampler.set_epoch(epoch)  # as mmengine's DistSamplerSeedHook
         for batch in loader:
-            stamps.append((time.perf_counter(), time.process_time()))
+            stamps.append(stamp())
             images.append(len(batch["inputs"]))
     return stamps, images
 
@@ -125,8 +135,9 @@ def main(spec_path: str, result_path: str) -> None:
     else:
         stamps, images = (load_ours if spec["side"] == "ours" else load_mmengine)(spec)
     result = {
-        "stamps": [wall for wall, _ in stamps],
-        "cpu": [cpu for _, cpu in stamps],
+        "stamps": [wall for wall, _, _ in stamps],
+        "cpu": [cpu for _, cpu, _ in stamps],
+        "peak_so_far_mb": [peak for _, _, peak in stamps],
         "images": images,
         "peak_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
     }
