@@ -8,7 +8,8 @@ A checkpoint's detector for MMDetection's tools, and batch inference with it:
     python model_def.py export CHECKPOINT --out DIR
     python model_def.py predict CHECKPOINT INPUT... --out DIR
 
-Only this file talks to Determined; everything in utils/ is plain MMDetection/MMEngine/PyTorch.
+Only this file and det_support.py (its callbacks and local runs) talk to Determined; everything
+in utils/ is plain MMDetection/MMEngine/PyTorch.
 """
 
 from __future__ import annotations
@@ -17,12 +18,8 @@ import argparse
 import contextlib
 import copy
 import logging
-import pickle
-import re
-import shutil
 import sys
 import warnings
-from pathlib import Path
 from typing import Any
 
 from utils.versions import check_versions
@@ -46,7 +43,13 @@ from mmdet.utils import register_all_modules  # noqa: E402
 from mmengine.dataset import pseudo_collate  # noqa: E402
 from mmengine.runner import set_random_seed  # noqa: E402
 
-from local_run import run_local  # noqa: E402
+from det_support import (  # noqa: E402
+    MlflowTracking,
+    MMDetExport,
+    PredictionImages,
+    local_checkpoint,
+    run_local,
+)
 from utils import experiment, export, predict  # noqa: E402
 from utils.annotations import AnnotationError  # noqa: E402
 from utils.check import check_experiment  # noqa: E402
@@ -57,7 +60,7 @@ from utils.data import (  # noqa: E402
     LoudDataset,
     SeededDataset,
 )
-from utils.datasource import DEFAULT_CACHE, DataError  # noqa: E402
+from utils.datasource import DataError  # noqa: E402
 from utils.evaluation import CocoEvaluator  # noqa: E402
 from utils.optim import (  # noqa: E402
     ParamSchedulers,
@@ -66,12 +69,7 @@ from utils.optim import (  # noqa: E402
     clip_gradients,
 )
 from utils.tracking import MlflowRun, mlflow_settings  # noqa: E402
-from utils.visualize import (  # noqa: E402
-    render_samples,
-    sample_indices,
-    save_pngs,
-    visualization_settings,
-)
+from utils.visualize import visualization_settings  # noqa: E402
 from utils.weights import load_weights  # noqa: E402
 
 logger = logging.getLogger("model_def")
@@ -100,136 +98,6 @@ class EvaluatorReducer(pytorch.MetricReducer):
 
     def cross_slot_reduce(self, per_slot_metrics: list[Any]) -> dict[str, float]:
         return self.evaluator.compute(per_slot_metrics)
-
-
-class MMDetExport(pytorch.PyTorchCallback):
-    """Writes `<checkpoint>/mmdet/` (model.pth, config.py), which MMDetection's tools load."""
-
-    def __init__(self, trial: MMDetTrial) -> None:
-        self.trial = trial
-
-    def on_checkpoint_write_end(self, checkpoint_dir: str) -> None:
-        # Determined saves PyTorchTrial checkpoints (and calls this) on the chief only, into the
-        # folder it then uploads: the rank check only guards against that changing.
-        if self.trial.context.distributed.rank != 0:
-            return
-        path = Path(checkpoint_dir)
-        # Determined wrote its trial state just before: the batches trained so far.
-        state = pickle.loads((path / "trial_state.pkl").read_bytes())
-        export.write_export(
-            path / export.EXPORT_DIR,
-            self.trial.detector.state_dict(),
-            self.trial.cfg,
-            export.dataset_meta(self.trial.val_dataset.metainfo),
-            state.get("batches_trained"),
-        )
-
-
-class PredictionImages(pytorch.PyTorchCallback):
-    """After each validation the chief draws a fixed set of validation images with their
-    predictions: into TensorBoard (`predictions/<image>`) and into the next checkpoint."""
-
-    def __init__(self, trial: MMDetTrial, num_images: int, score_thr: float) -> None:
-        self.trial = trial
-        self.indices = sample_indices(num_images, len(trial.val_dataset))
-        self.score_thr = score_thr
-        self.batches = 0
-        self.drawings: dict[str, np.ndarray] = {}
-
-    def on_trial_startup(self, first_batch_idx: int, checkpoint_uuid: str | None) -> None:
-        self.batches = first_batch_idx
-
-    def on_training_workload_end(
-        self, avg_metrics: dict[str, Any], batch_metrics: dict[str, Any]
-    ) -> None:
-        self.batches = int(avg_metrics["batches"])
-
-    def on_validation_end(self, metrics: dict[str, Any]) -> None:
-        context = self.trial.context
-        if context.distributed.rank != 0 or not self.indices:
-            return
-        self.drawings = render_samples(
-            self.trial.detector, self.trial.val_dataset, self.indices, self.score_thr
-        )
-        if context.get_enable_tensorboard_logging():
-            writer = context.get_tensorboard_writer()
-            for name, drawing in self.drawings.items():
-                writer.add_image(f"predictions/{name}", drawing, self.batches, dataformats="HWC")
-
-    def on_checkpoint_write_end(self, checkpoint_dir: str) -> None:
-        if self.drawings:  # the last validation's, on the chief
-            save_pngs(self.drawings, Path(checkpoint_dir) / "predictions")
-
-
-class MlflowTracking(pytorch.PyTorchCallback):
-    """Chief only: the trial as an MLflow run (utils/tracking.py). Registered after "export" and
-    "predictions", so a checkpoint's files are written when it logs them."""
-
-    def __init__(self, trial: MMDetTrial, run: MlflowRun) -> None:
-        self.trial = trial
-        self.run = run
-        self.batches = 0
-        self.resume_run_id: str | None = None  # from the checkpoint of a resumed trial
-
-    def state_dict(self) -> dict[str, Any]:
-        return {"run_id": self.run.run_id}
-
-    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        self.resume_run_id = state_dict.get("run_id")
-
-    def on_trial_startup(self, first_batch_idx: int, checkpoint_uuid: str | None) -> None:
-        self.batches = first_batch_idx
-
-    def on_training_start(self) -> None:  # after a resumed trial's checkpoint is loaded
-        context = self.trial.context
-        exp_conf = context.get_experiment_config()
-        name = exp_conf.get("name") or "mmdet"
-        tags = {"mmdet.config_file": str(context.get_hparams().get("config_file", ""))}
-        info = det.get_cluster_info()
-        if info is not None and info.task_type == "TRIAL":
-            experiment_id, trial_id = info.trial.experiment_id, info.trial.trial_id
-            name = f"{name} trial {trial_id}"
-            tags |= {
-                "determined.experiment_id": str(experiment_id),
-                "determined.trial_id": str(trial_id),
-                "determined.trial_url": f"{info.master_url.rstrip('/')}/det/experiments/"
-                f"{experiment_id}/trials/{trial_id}",
-            }
-        description = exp_conf.get("description") or ""
-        if self.run.start(name, description, tags, run_id=self.resume_run_id):
-            data = {k: v for k, v in context.get_data_config().items() if k != "mlflow"}
-            self.run.log_params({**context.get_hparams(), "data": data})
-            self.run.log_text(self.trial.cfg.pretty_text, "config.py")
-
-    def on_training_workload_end(
-        self, avg_metrics: dict[str, Any], batch_metrics: dict[str, Any]
-    ) -> None:
-        self.batches = int(avg_metrics["batches"])
-        metrics = {k: v for k, v in avg_metrics.items() if k != "batches"}
-        self.run.log_metrics(metrics, step=self.batches)
-
-    def on_validation_end(self, metrics: dict[str, Any]) -> None:
-        self.run.log_metrics(metrics, step=self.batches)
-
-    def on_checkpoint_write_end(self, checkpoint_dir: str) -> None:
-        self.run.log_checkpoint(checkpoint_dir, step=self.batches)
-
-    def on_checkpoint_upload_end(self, uuid: str) -> None:
-        self.run.set_tag("determined.checkpoint_uuid", uuid)
-
-    def on_trial_shutdown(self) -> None:
-        # Determined calls this in a `finally`: while an exception (e.g. the non-finite loss
-        # guard's) unwinds the trainer, sys.exc_info() holds it.
-        error = sys.exc_info()[1]
-        if isinstance(error, KeyboardInterrupt):
-            status = "KILLED"
-        elif error is not None:
-            status = "FAILED"
-        elif det.get_cluster_info() is not None and self.batches < self.trial.max_batches:
-            status = "KILLED"  # paused, preempted or stopped early; a resumed trial reopens it
-        else:
-            status = "FINISHED"
-        self.run.end(status)
 
 
 class MMDetTrial(pytorch.PyTorchTrial):
@@ -485,7 +353,6 @@ def run_on_cluster() -> None:
 
 
 COMMANDS = {"export": export, "predict": predict}
-UUID = re.compile(r"[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}")
 
 
 def run_command(argv: list[str]) -> Any:
@@ -502,33 +369,6 @@ def run_command(argv: list[str]) -> Any:
         raise SystemExit(f"{args.command}: {err}") from err
     except experiment.ExperimentError as err:  # export --experiment
         raise SystemExit(f"{args.command} --experiment: {err}") from err
-
-
-def local_checkpoint(checkpoint: str) -> str:
-    """A local folder as it is; a Determined checkpoint UUID downloaded (once) into the cache.
-
-    The master and login are the `det` CLI's (DET_MASTER, `det user login`).
-    """
-    if Path(checkpoint).exists() or not UUID.fullmatch(checkpoint):
-        return checkpoint
-    from determined.experimental import client
-
-    folder = DEFAULT_CACHE / "checkpoints" / checkpoint
-    if not folder.is_dir():
-        logger.info("Downloading checkpoint %s into %s", checkpoint, folder)
-        partial = folder.with_name(f"{checkpoint}.partial")  # renamed once complete
-        shutil.rmtree(partial, ignore_errors=True)
-        try:
-            client.get_checkpoint(checkpoint).download(str(partial))
-        except Exception as err:  # Determined's errors: master unreachable, login, not found
-            raise SystemExit(
-                f"Checkpoint {checkpoint}: cannot fetch it from the Determined master ({err}). "
-                "Set DET_MASTER and log in with `det user login`, or pass a local folder."
-            ) from err
-        partial.rename(folder)
-    if not (folder / export.EXPORT_DIR / export.MODEL_FILE).is_file():  # an older checkpoint
-        export.export_determined_checkpoint(folder, folder / export.EXPORT_DIR)
-    return str(folder)
 
 
 def main(argv: list[str] | None = None) -> Any:

@@ -42,7 +42,7 @@ def build_cfg(sets: list[str]) -> Any:
 def train_ours(spec: dict[str, Any]) -> list[tuple[float, ...]]:
     """A local run of our trial through Determined's Trainer, stamped at each train_batch."""
     import model_def
-    from local_run import run_local
+    from det_support import run_local
 
     stamps: list[tuple[float, ...]] = []
 

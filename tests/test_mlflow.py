@@ -290,7 +290,7 @@ def test_failing_training_ends_its_run_failed(
                 "hyperparameters.lr=1e30",
                 experiment=str(path),
             )
-    finally:  # local_run set them for this process
+    finally:  # det_support.run_local set them for this process
         for name, value in before.items():
             os.environ.pop(name, None)
             if value is not None:
