@@ -74,7 +74,7 @@ def test_every_experiment_yaml_loads() -> None:
         config = load_experiment(path)
         hparams = local_hparams(config["hyperparameters"])
         assert (REPO / hparams["config_file"]).is_file(), path
-        assert config["searcher"]["metric"] in ("bbox_mAP", "voc_mAP"), path
+        assert config["searcher"]["metric"] in ("bbox_mAP", "segm_mAP", "voc_mAP"), path
 
 
 def test_mmdet_mappings_with_type_are_wrapped_in_const() -> None:
