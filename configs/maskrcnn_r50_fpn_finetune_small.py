@@ -13,7 +13,9 @@ param_scheduler = [
         end=1,
         convert_to_iter_based=True,
     ),
-    dict(type="MultiStepLR", by_epoch=True, begin=0, end=max_epochs, milestones=[11, 15], gamma=0.1),
+    dict(
+        type="MultiStepLR", by_epoch=True, begin=0, end=max_epochs, milestones=[11, 15], gamma=0.1
+    ),
 ]
 # COCO-trained weights (37.2 bbox / 34.1 segm mAP); the heads, sized to the dataset's classes, skip
 # the COCO-shaped tensors. Downloaded once per host, hash checked (hyperparameter `load_from`
