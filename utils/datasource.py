@@ -111,6 +111,9 @@ def apply_data_section(cfg: Config, data: dict[str, Any], verify_paths: bool = T
         dataset.data_prefix = dict(img=layout[f"{split}_img_prefix"])
         if classes:
             dataset.metainfo = dict(classes=tuple(classes))
+            if backend == "synthetic" and tuple(classes) == synthetic.CLASSES:
+                # COCO's palette would draw circles and squares in two close reds.
+                dataset.metainfo["palette"] = list(synthetic.PALETTE)
         if data.get("image_cache_bytes") and backend in ("gcs", "gcp"):
             # Each process keeps up to this many bytes of images in memory: later epochs re-read
             # them without network traffic.

@@ -21,6 +21,8 @@ from pycocotools import mask as mask_utils
 from tqdm import tqdm
 
 CLASSES: tuple[str, ...] = ("circle", "square", "triangle")
+# Drawing colours, one per class: red, blue, orange.
+PALETTE: tuple[tuple[int, int, int], ...] = ((220, 20, 60), (0, 110, 230), (255, 160, 0))
 SPLITS: tuple[str, ...] = ("train", "val")
 MARKER = ".complete"
 # Part of the cache key: bump it whenever the generator's output changes, so stale caches are

@@ -156,6 +156,8 @@ def draw_sample(
         np.random.set_state(state)
     drawing = visualizer.get_image()
     caption = f"predictions, score > {score_thr:g}"
+    if "pred_instances" not in shown:
+        caption += ": none"
     if invalid:
         caption += f" ({invalid} invalid boxes not drawn)"
     return _with_captions(visualizer, drawing, scaled.shape[1] if with_gt else 0, caption)
