@@ -14,6 +14,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from mmdet.structures.mask import encode_mask_results
 from mmdet.utils import register_all_modules
 from mmengine.config import Config
@@ -22,7 +23,7 @@ from pycocotools.coco import COCO
 from pycocotools.cocoeval import COCOeval
 
 from bench.coco_data import CATEGORY_IDS, CLASSES, generate, to_samples
-from utils.coco_metric import encode_masks
+from utils.coco_metric import encode_cropped, encode_masks
 from utils.config import ConfigError
 from utils.evaluation import COCO_ITEMS, CocoEvaluator
 
@@ -125,15 +126,36 @@ def test_backend_is_checked(generated: tuple, monkeypatch: pytest.MonkeyPatch) -
         CocoEvaluator(cfg, "faster_coco_eval")
 
 
-def test_mask_encoding_equals_mmdet() -> None:
+def mask_cases() -> list[np.ndarray]:
+    """Random masks, all-empty and all-set ones, runs across columns, and blobs with margins."""
     rng = np.random.default_rng(0)
+    cases = []
     for n, h, w in ((6, 37, 53), (3, 1, 1), (4, 1, 7), (4, 7, 1), (5, 64, 64)):
-        masks = rng.random((n, h, w)) < 0.5
-        masks[0] = False
-        masks[1] = True
-        masks[2, :, 0] = True  # a run across the wrap from the last row to the next column
-        assert encode_masks(masks) == encode_mask_results(masks)
+        for density in (0.02, 0.5, 0.98):
+            masks = rng.random((n, h, w)) < density
+            masks[0] = False
+            masks[1] = True
+            masks[2, :, 0] = True  # a run across the wrap from the last row to the next column
+            cases.append(masks)
+    for _ in range(100):  # detector-like: each mask within a box, solid or ragged
+        h, w = rng.integers(1, 40, 2)
+        masks = np.zeros((rng.integers(1, 6), h, w), bool)
+        for mask in masks:
+            y0, y1 = np.sort(rng.integers(0, h + 1, 2))
+            x0, x1 = np.sort(rng.integers(0, w + 1, 2))
+            mask[y0:y1, x0:x1] = rng.random((y1 - y0, x1 - x0)) < rng.choice([0.3, 1.0])
+        cases.append(masks)
+    return cases
+
+
+def test_mask_encoding_equals_mmdet() -> None:
+    for masks in mask_cases():
+        expected = encode_mask_results(masks)
+        assert encode_masks(masks) == expected
+        # The accelerator path (crops cut on the device), run here on CPU tensors.
+        assert encode_cropped(torch.from_numpy(masks)) == expected
     assert encode_masks(np.zeros((0, 4, 4), bool)) == []
+    assert encode_cropped(torch.zeros((0, 4, 4), dtype=torch.bool)) == []
 
 
 def test_per_class_names_are_grouped(generated: tuple) -> None:

@@ -83,7 +83,7 @@ class CocoEvaluator:
             pred = output["pred_instances"]
             if isinstance(pred.get("masks"), torch.Tensor):
                 # Once for all metrics and in one call: the metrics take encoded masks as they are.
-                pred["masks"] = encode_masks(pred["masks"].detach().cpu().numpy())
+                pred["masks"] = encode_masks(pred["masks"].detach())
             per_metric = []
             for metric in self.metrics:
                 metric.process({}, [output])

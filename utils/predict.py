@@ -23,12 +23,12 @@ import numpy as np
 import torch
 from mmcv.transforms import Compose
 from mmdet.registry import MODELS, TRANSFORMS
-from mmdet.structures.mask import encode_mask_results
 from mmdet.utils import get_test_pipeline_cfg, register_all_modules
 from mmengine.config import Config, ConfigDict
 from mmengine.dataset import pseudo_collate
 from tqdm import tqdm
 
+from utils.coco_metric import encode_masks
 from utils.evaluation import CocoEvaluator
 from utils.export import CONFIG_FILE, EXPORT_DIR, MODEL_FILE
 from utils.inputs import Inputs, PredictError, category_ids, collect_inputs
@@ -121,7 +121,7 @@ def batches(
 
 def coco_results(sample: Any, cat_ids: list[int]) -> tuple[list[dict], list[dict]]:
     """One image's predictions as COCO bbox and segm results."""
-    pred = sample.pred_instances.cpu()
+    pred = sample.pred_instances  # values leave the device as lists; masks encoded there first
     image_id = int(sample.img_id)
     labels = pred.labels.tolist()
     scores = pred.scores.tolist()
@@ -134,7 +134,7 @@ def coco_results(sample: Any, cat_ids: list[int]) -> tuple[list[dict], list[dict
     if "masks" in pred:
         mask_scores = pred.mask_scores.tolist() if "mask_scores" in pred else scores
         for label, rle, score in zip(
-            labels, encode_mask_results(pred.masks.numpy()), mask_scores, strict=True
+            labels, encode_masks(pred.masks.detach()), mask_scores, strict=True
         ):
             segmentation = {"size": rle["size"], "counts": rle["counts"].decode()}
             segm.append(
