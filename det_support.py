@@ -35,6 +35,7 @@ from determined import pytorch
 from utils import experiment, export
 from utils.config import accumulative_counts
 from utils.datasource import DEFAULT_CACHE
+from utils.hooks import EmaWeights
 from utils.tracking import MlflowRun
 from utils.visualize import render_samples, sample_indices, save_pngs
 
@@ -59,13 +60,42 @@ class MMDetExport(pytorch.PyTorchCallback):
         path = Path(checkpoint_dir)
         # Determined wrote its trial state just before: the batches trained so far.
         state = pickle.loads((path / "trial_state.pkl").read_bytes())
+        # With an EMAHook the averaged weights, as mmengine's checkpoints hold them.
+        ema = self.trial.ema
         export.write_export(
             path / export.EXPORT_DIR,
-            self.trial.detector.state_dict(),
+            ema.averaged_weights() if ema is not None else self.trial.detector.state_dict(),
             self.trial.cfg,
             export.dataset_meta(self.trial.val_dataset.metainfo),
             state.get("batches_trained"),
         )
+
+
+class EmaSwapIn(pytorch.PyTorchCallback):
+    """Registered first: the averaged weights (EMAHook) go into the model as validation starts."""
+
+    def __init__(self, ema: EmaWeights) -> None:
+        self.ema = ema
+
+    def on_validation_start(self) -> None:
+        self.ema.swap_in()
+
+
+class EmaRestore(pytorch.PyTorchCallback):
+    """Registered last: the trained weights come back once every other callback has seen the
+    validated ones; the averaged weights are part of each checkpoint."""
+
+    def __init__(self, ema: EmaWeights) -> None:
+        self.ema = ema
+
+    def on_validation_end(self, metrics: dict[str, Any]) -> None:
+        self.ema.swap_out()
+
+    def state_dict(self) -> dict[str, Any]:
+        return self.ema.state_dict()
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self.ema.load_state_dict(state_dict)
 
 
 class PredictionImages(pytorch.PyTorchCallback):

@@ -44,6 +44,8 @@ from mmengine.dataset import pseudo_collate  # noqa: E402
 from mmengine.runner import set_random_seed  # noqa: E402
 
 from det_support import (  # noqa: E402
+    EmaRestore,
+    EmaSwapIn,
     MlflowTracking,
     MMDetExport,
     PredictionImages,
@@ -62,6 +64,7 @@ from utils.data import (  # noqa: E402
 )
 from utils.datasource import DataError  # noqa: E402
 from utils.evaluation import CocoEvaluator  # noqa: E402
+from utils.hooks import EmaWeights, PipelineSchedule, plan_hooks  # noqa: E402
 from utils.optim import (  # noqa: E402
     ParamSchedulers,
     amp_settings,
@@ -115,6 +118,7 @@ class MMDetTrial(pytorch.PyTorchTrial):
         register_all_modules(init_default_scope=True)
         slots = context.distributed.get_size()
         self.cfg = build_config(context.get_hparams(), context.get_data_config(), slots)
+        hooks = plan_hooks(self.cfg)  # before anything is built: an unsupported hook fails fast
         self.seed = trial_seed(self.cfg, context)
         set_random_seed(self.seed)
 
@@ -157,6 +161,16 @@ class MMDetTrial(pytorch.PyTorchTrial):
             self.epoch_length,
         )
         self.batches_trained = resumed_batches
+        # The config's custom hooks (utils/hooks.py), built once the model is on its device.
+        self.ema = None
+        if hooks.ema is not None:
+            self.ema = EmaWeights(hooks.ema, self.detector, self.max_batches, self.epoch_length)
+            # Swapped in first when validation starts, back last when it ends: every callback
+            # (prediction images) sees the averaged weights, and checkpoints the trained ones.
+            self.callbacks = {"ema_in": EmaSwapIn(self.ema), **self.callbacks}
+        self.pipelines = (
+            PipelineSchedule(self.train_dataset, hooks.switches) if hooks.switches else None
+        )
 
         self.lr_scheduler = context.wrap_lr_scheduler(
             ParamSchedulers(self.optimizer, self.cfg, self.epoch_length, self.max_batches),
@@ -170,6 +184,8 @@ class MMDetTrial(pytorch.PyTorchTrial):
         tracking = mlflow_settings(context.get_experiment_config())
         if tracking is not None and context.distributed.rank == 0:
             self.callbacks["mlflow"] = MlflowTracking(self, MlflowRun(tracking))
+        if self.ema is not None:
+            self.callbacks["ema"] = EmaRestore(self.ema)
 
     def build_training_data_loader(self) -> pytorch.DataLoader:
         loader_cfg = self.cfg.train_dataloader
@@ -184,7 +200,7 @@ class MMDetTrial(pytorch.PyTorchTrial):
             skip=self.resumed_batches * replicas,
         )
         return pytorch.DataLoader(
-            SeededDataset(LoudDataset(self.train_dataset), self.seed),
+            SeededDataset(LoudDataset(self.train_dataset), self.seed, self.pipelines),
             batch_sampler=sampler,
             num_workers=loader_cfg.get("num_workers", 0),
             persistent_workers=loader_cfg.get("num_workers", 0) > 0,
@@ -245,6 +261,8 @@ class MMDetTrial(pytorch.PyTorchTrial):
         )
         if self.scaler and (batch_idx + 1) % self.accumulation == 0:  # after a real step only
             self.scaler.update(self.amp.static_scale())
+        if self.ema is not None:  # every batch, as mmengine calls EMAHook after every iteration
+            self.ema.after_batch(batch_idx + self.resumed_batches)
         metrics["lr"] = self.optimizer.param_groups[0]["lr"]
         return metrics
 

@@ -9,6 +9,7 @@ iterations must agree within 1e-5 relative; on the CPU they agree exactly.
 
 from __future__ import annotations
 
+import copy
 import json
 import math
 from pathlib import Path
@@ -16,16 +17,21 @@ from pathlib import Path
 import pytest
 import torch
 from mmdet.datasets.samplers import AspectRatioBatchSampler
+from mmdet.registry import METRICS
 from mmengine.dataset import DefaultSampler
-from mmengine.hooks import Hook
+from mmengine.hooks import EMAHook, Hook
 from mmengine.runner import Runner
 
 import model_def
 from utils import experiment
+from utils.coco_metric import BackendCocoMetric
 from utils.config import build_config
 from utils.data import GroupedBatchSampler, LoaderSeedDraws
+from utils.export import load_determined_weights
 
 REPO = Path(__file__).resolve().parent.parent
+# Our metric for the Runner too, so that both report the same unrounded statistics.
+METRICS.register_module(name="ParityCocoMetric", module=BackendCocoMetric, force=True)
 ITERATIONS = 20
 TOLERANCE = 1e-5
 # Settings both runs share for determinism, each in the config itself:
@@ -47,19 +53,38 @@ OVERRIDES = {
 
 
 class RecordAndStop(Hook):
-    """Records the loss terms and LR of each iteration; stops the run after `iterations`."""
+    """Records the loss terms and LR of each iteration, and the metrics of each validation."""
 
     priority = "HIGHEST"  # before ParamSchedulerHook moves the LR on to the next iteration
 
-    def __init__(self, iterations: int) -> None:
-        self.iterations = iterations
+    def __init__(self) -> None:
         self.records: list[dict[str, float]] = []
+        self.validations: list[dict[str, float]] = []
 
     def after_train_iter(self, runner, batch_idx, data_batch=None, outputs=None) -> None:
         record = {name: float(value) for name, value in outputs.items()}
         record["lr"] = runner.optim_wrapper.get_lr()["lr"][0]
         self.records.append(record)
-        if len(self.records) == self.iterations:
+
+    def after_val_epoch(self, runner, metrics=None) -> None:
+        self.validations.append(dict(metrics))
+
+
+class StopAfter(Hook):
+    """Stops the run after `iterations`, once every other hook has seen the last one (the
+    EMAHook has averaged it in): `ema` is then the averaged weights, if there is an EMAHook."""
+
+    priority = "LOWEST"
+
+    def __init__(self, iterations: int) -> None:
+        self.iterations = iterations
+        self.ema: dict[str, torch.Tensor] | None = None
+
+    def after_train_iter(self, runner, batch_idx, data_batch=None, outputs=None) -> None:
+        if runner.iter + 1 == self.iterations:
+            for hook in runner.hooks:
+                if isinstance(hook, EMAHook):
+                    self.ema = copy.deepcopy(hook.ema_model.module.state_dict())
             raise EnoughIterations  # an epoch-based loop has no way to stop mid-epoch
 
 
@@ -72,16 +97,17 @@ def relative_difference(a: float, b: float) -> float:
     return abs(a - b) / scale if scale else 0.0
 
 
-@pytest.mark.slow
-@pytest.mark.parametrize("model", ["maskrcnn", "retinanet", "gfl"])
-def test_trial_trains_like_mmengine_runner(
-    tmp_path: Path, synthetic_data: dict, model: str
-) -> None:
-    (tmp_path / "seed.py").write_text("randomness = dict(seed=7)\n")
+def train_both(tmp_path: Path, synthetic_data: dict, model: str, merge: str = "") -> tuple:
+    """Runner and trial on one config; returns (runner records, recorder, stopper, our records)."""
+    # Every detection kept (no score threshold): the few iterations' validations then measure
+    # something, where the default threshold leaves an untrained model without detections.
+    test_cfg = "dict(rcnn=dict(score_thr=0.0))" if model == "maskrcnn" else "dict(score_thr=0.0)"
+    settings = f"randomness = dict(seed=7)\nmodel = dict(test_cfg={test_cfg})\n"
+    (tmp_path / "merge.py").write_text(settings + merge)
     sets = [
         f"hyperparameters.config_file=configs/synthetic/{model}_r18_fpn_synthetic.py",
         "hyperparameters.global_batch_size=2",
-        f"hyperparameters.merge_config={tmp_path / 'seed.py'}",
+        f"hyperparameters.merge_config={tmp_path / 'merge.py'}",
         f"hyperparameters.override_mmdet_config={json.dumps(OVERRIDES)}",
         f"data={json.dumps(synthetic_data)}",
     ]
@@ -91,20 +117,25 @@ def test_trial_trains_like_mmengine_runner(
     cfg.work_dir = str(tmp_path / "runner")
     cfg.launcher = "none"
     cfg.default_hooks.checkpoint = None  # checkpoints are not compared; they only cost time
+    # mmdet's CocoMetric rounds to 3 decimals; ours does not: the same metric on both sides.
+    cfg.val_evaluator.type = "ParityCocoMetric"
     runner = Runner.from_cfg(cfg)
-    recorder = RecordAndStop(ITERATIONS)
+    recorder, stopper = RecordAndStop(), StopAfter(ITERATIONS)
     runner.register_hook(recorder)
+    runner.register_hook(stopper)
     with pytest.raises(EnoughIterations):
         runner.train()
-    expected = recorder.records
 
     args = [str(REPO / "experiments" / "demo.yaml"), "--local", "--output", str(tmp_path / "ours")]
     args += ["--max-batches", str(ITERATIONS), "--report-every", "1"]
     model_def.main(args + [part for value in sets for part in ("--set", value)])
     records = [json.loads(line) for line in (tmp_path / "ours" / "metrics.jsonl").open()]
-    ours = [r["metrics"] for r in records if r["kind"] == "training"]
     assert [r["batches"] for r in records if r["kind"] == "validation"] == [8, 16, 20]
+    return recorder, stopper, records
 
+
+def assert_same_losses(model: str, expected: list[dict], records: list[dict]) -> None:
+    ours = [r["metrics"] for r in records if r["kind"] == "training"]
     assert len(ours) == len(expected) == ITERATIONS
     worst = (0.0, 0, "")
     for iteration, (theirs, mine) in enumerate(zip(expected, ours, strict=True), start=1):
@@ -120,6 +151,66 @@ def test_trial_trains_like_mmengine_runner(
     # Not a constant stream: the losses move, and the LR warms up.
     assert len({round(r["loss"], 6) for r in expected}) == ITERATIONS
     assert expected[0]["lr"] < expected[-1]["lr"]
+
+
+def assert_same_validations(expected: list[dict], records: list[dict]) -> None:
+    """The Runner's validations after iterations 8 and 16 against ours, metric by metric."""
+    ours = [r["metrics"] for r in records if r["kind"] == "validation"][:2]
+    assert len(expected) == len(ours) == 2
+    for theirs, mine in zip(expected, ours, strict=True):
+        theirs = {name.removeprefix("coco/"): value for name, value in theirs.items()}
+        assert len(theirs) >= 6 and set(theirs) <= set(mine), set(theirs) - set(mine)
+        for name, value in theirs.items():
+            assert mine[name] == pytest.approx(value, rel=TOLERANCE, abs=1e-9), name
+    # Metrics that say something: not all zero (after 8 iterations GFL finds nothing yet).
+    assert ours[-1]["bbox_mAP"] > 0 and ours[-1]["bbox_AR_100"] > 0
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("model", ["maskrcnn", "retinanet", "gfl"])
+def test_trial_trains_like_mmengine_runner(
+    tmp_path: Path, synthetic_data: dict, model: str
+) -> None:
+    recorder, _, records = train_both(tmp_path, synthetic_data, model)
+    assert_same_losses(model, recorder.records, records)
+    assert_same_validations(recorder.validations, records)
+
+
+# An EMA that lags (gamma 4 instead of RTMDet's 2000) and a pipeline switch after the first epoch
+# of 8 iterations (to 96 px images, where the original pipeline resizes to 128).
+HOOKS = """
+custom_hooks = [
+    dict(type="EMAHook", ema_type="ExpMomentumEMA", momentum=0.2, gamma=4, update_buffers=True,
+         priority=49),
+    dict(type="PipelineSwitchHook", switch_epoch=1, switch_pipeline=[
+        dict(type="LoadImageFromFile"),
+        dict(type="LoadAnnotations", with_bbox=True, with_mask=True),
+        dict(type="Resize", scale=(96, 96), keep_ratio=True),
+        dict(type="PackDetInputs"),
+    ]),
+]
+"""
+
+
+@pytest.mark.slow
+def test_ema_and_pipeline_switch_hooks_act_as_in_mmengine(
+    tmp_path: Path, synthetic_data: dict
+) -> None:
+    """The losses follow the switched pipeline from iteration 9 on, validations see the averaged
+    weights, and the checkpoint's export holds them as the Runner's EMAHook has them."""
+    recorder, stopper, records = train_both(tmp_path, synthetic_data, "retinanet", HOOKS)
+    assert_same_losses("retinanet with hooks", recorder.records, records)
+    assert_same_validations(recorder.validations, records)
+    checkpoint = max(
+        (tmp_path / "ours" / "determined").iterdir(),
+        key=lambda path: json.loads((path / "metadata.json").read_text())["steps_completed"],
+    )
+    exported = torch.load(checkpoint / "mmdet" / "model.pth", weights_only=False)["state_dict"]
+    assert stopper.ema is not None and set(exported) == set(stopper.ema)
+    for name, value in stopper.ema.items():
+        torch.testing.assert_close(exported[name], value, rtol=TOLERANCE, atol=0)
+    trained = load_determined_weights(checkpoint, averaged=False)
+    assert any(not torch.equal(trained[name], exported[name]) for name in exported)
 
 
 class Shapes:

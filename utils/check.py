@@ -16,6 +16,7 @@ from utils.config import training_length as config_training_length
 from utils.datasource import DataError, base_dataset
 from utils.evaluation import coco_backend
 from utils.experiment import ExperimentError, local_hparams, training_length
+from utils.hooks import plan_hooks
 from utils.tracking import TrackingError, mlflow_settings, redact
 from utils.visualize import visualization_settings
 
@@ -105,6 +106,7 @@ def check_experiment(exp: dict[str, Any]) -> tuple[list[str], list[str]]:
     try:
         length = training_length(searcher)
         cfg = build_config(local_hparams(specs), data, slots, verify_paths=False)
+        hooks = plan_hooks(cfg)
         register_all_modules(init_default_scope=True)
         model = MODELS.build(cfg.model)
     except (ConfigError, DataError, ExperimentError) as err:
@@ -146,6 +148,11 @@ def check_experiment(exp: dict[str, Any]) -> tuple[list[str], list[str]]:
         f"optimizer: {optimizer.type}, lr {optimizer.lr:g}"
         + (" (scaled to the global batch)" if specs.get("auto_scale_lr") else ""),
     ]
+    if hooks.ema is not None:
+        kind = hooks.ema.get("ema_type", "ExponentialMovingAverage")
+        summary.append(f"EMA weights ({kind}): validated and exported")
+    for epoch, _ in hooks.switches:
+        summary.append(f"training pipeline switch: from epoch {epoch + 1} (switch_epoch {epoch})")
     if tracking is not None:
         where = redact(tracking.tracking_uri or "MLflow's default store")
         summary.append(f"mlflow: experiment {tracking.experiment_name!r} at {where}")

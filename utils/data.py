@@ -82,17 +82,21 @@ class SeededDataset(Dataset):
 
     mmdet's transforms draw from the global `numpy.random` and `random`; seeding them per sample
     makes the augmentation of a batch independent of worker count and of where a run resumed.
+    `pipelines` (a `utils.hooks.PipelineSchedule`) sets the pipeline of the sample's epoch first.
     """
 
-    def __init__(self, dataset: Dataset, seed: int) -> None:
+    def __init__(self, dataset: Dataset, seed: int, pipelines: Any = None) -> None:
         self.dataset = dataset
         self.seed = seed
+        self.pipelines = pipelines
 
     def __len__(self) -> int:
         return len(self.dataset)
 
     def __getitem__(self, key: tuple[int, int]) -> Any:
         this_pass, index = key
+        if self.pipelines is not None:
+            self.pipelines.select(this_pass)
         sample_seed = np.random.SeedSequence([self.seed, this_pass, index]).generate_state(1)[0]
         if get_worker_info() is not None:
             # A worker's generators serve only its samples, each reseeded: nothing to restore

@@ -113,8 +113,9 @@ def strip_module_prefix(state_dict: dict[str, Any]) -> dict[str, Any]:
     return dict(state_dict)
 
 
-def load_determined_weights(checkpoint_dir: Path) -> dict[str, torch.Tensor]:
-    """The detector's weights from a Determined checkpoint's `state_dict.pth`."""
+def load_determined_weights(checkpoint_dir: Path, averaged: bool = True) -> dict[str, torch.Tensor]:
+    """The detector's weights from a Determined checkpoint's `state_dict.pth`: with `averaged`,
+    those of the run's EMAHook if it has one (as mmengine exports them), else the trained ones."""
     path = checkpoint_dir / "state_dict.pth"
     if not path.is_file():
         raise ExportError(
@@ -136,6 +137,9 @@ def load_determined_weights(checkpoint_dir: Path) -> dict[str, torch.Tensor]:
     models = state.get("models_state_dict") if isinstance(state, dict) else None
     if not models:
         raise ExportError(f"{path} holds no models_state_dict: not a PyTorchTrial checkpoint.")
+    ema = (state.get("callbacks") or {}).get("ema")  # utils.hooks.EmaWeights.state_dict()
+    if ema and averaged:
+        return {k.removeprefix("module."): v for k, v in ema.items() if k.startswith("module.")}
     return strip_module_prefix(models[0])
 
 

@@ -1,0 +1,147 @@
+"""A config's `custom_hooks`, reproduced outside mmengine's Runner.
+
+mmengine's Runner calls hooks at points of its own loops; a training engine has other loops. The
+hooks whose effect can be reproduced exactly are taken here, and any other is an error that names
+it: a run that silently trains differently from `tools/train.py` is worse than one that refuses.
+
+- EMAHook (mmengine): `EmaWeights` runs mmengine's own hook against a view of the loop: the
+  averaged weights are updated after every iteration, swapped in for validation, kept in
+  checkpoints, and are the weights an export ships, as mmengine saves them.
+- PipelineSwitchHook (mmdet): `PipelineSchedule` gives the training pipeline of a sample's epoch,
+  so the switch holds in persistent workers and on resumes.
+- CheckInvalidLossHook (mmdet): nothing to add; the trial stops at the first non-finite loss.
+"""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass, field
+from types import SimpleNamespace
+from typing import Any
+
+import torch
+from mmcv.transforms import Compose
+from mmdet.registry import TRANSFORMS
+from mmengine.registry import HOOKS
+
+from utils.config import ConfigError
+
+SUPPORTED = ("EMAHook", "PipelineSwitchHook", "CheckInvalidLossHook")
+
+
+@dataclass
+class HookPlan:
+    """What a config's `custom_hooks` ask of a training loop."""
+
+    ema: dict[str, Any] | None = None  # the EMAHook's config
+    switches: list[tuple[int, list[dict]]] = field(default_factory=list)  # (epoch, pipeline)
+
+
+def plan_hooks(cfg: Any) -> HookPlan:
+    """Read `custom_hooks`; a hook this package cannot reproduce is a ConfigError naming it."""
+    plan = HookPlan()
+    for position, hook in enumerate(cfg.get("custom_hooks") or []):
+        where = f"custom_hooks[{position}]"
+        kind = str(hook.get("type", "")).split(".")[-1]  # `mmdet.EMAHook` names the same hook
+        if kind not in SUPPORTED:
+            raise ConfigError(
+                f"{where} is {hook.get('type')!r}, which this trial cannot run: it supports "
+                f"{', '.join(SUPPORTED)}. Remove the hook (e.g. set custom_hooks to the list "
+                "without it through hyperparameters.merge_config) and check that training "
+                "without it is what you want."
+            )
+        if kind == "EMAHook":
+            if plan.ema is not None:
+                raise ConfigError(f"{where}: a second EMAHook; keep one.")
+            plan.ema = copy.deepcopy(dict(hook))
+        elif kind == "PipelineSwitchHook":
+            epoch, pipeline = hook.get("switch_epoch"), hook.get("switch_pipeline")
+            if not isinstance(epoch, int) or epoch < 0 or not pipeline:
+                raise ConfigError(
+                    f"{where}: PipelineSwitchHook needs switch_epoch (an int >= 0) and "
+                    f"switch_pipeline (a list of transforms); got {epoch!r} and {pipeline!r}."
+                )
+            plan.switches.append((epoch, copy.deepcopy(list(pipeline))))
+    return plan
+
+
+class EmaWeights:
+    """mmengine's EMAHook over `model`, driven by batch counts instead of a Runner.
+
+    Args:
+        hook_cfg: the EMAHook's config (`ema_type`, `momentum`, `begin_iter`, ...).
+        model: the bare detector (not a DistributedDataParallel wrapper).
+        max_batches: batches the run trains; `epoch_length`: batches per epoch.
+    """
+
+    def __init__(
+        self, hook_cfg: dict[str, Any], model: torch.nn.Module, max_batches: int, epoch_length: int
+    ) -> None:
+        self.epoch_length = epoch_length
+        # What the hook reads of a runner: the model, the loop's position and its length.
+        self.view = SimpleNamespace(
+            model=model,
+            iter=0,
+            epoch=0,
+            max_iters=max_batches,
+            max_epochs=-(-max_batches // epoch_length),
+        )
+        hook_cfg = {k: v for k, v in hook_cfg.items() if k != "priority"}  # the Runner's key
+        try:
+            self.hook = HOOKS.build(hook_cfg)
+            self.hook.before_run(self.view)
+            self.hook.before_train(self.view)
+        except (AssertionError, KeyError, TypeError) as err:
+            raise ConfigError(f"custom_hooks EMAHook {hook_cfg}: {err}") from err
+        self.swapped = False
+
+    def after_batch(self, batch_index: int) -> None:
+        """After the optimizer (or accumulation) step of `batch_index`, counted from 0."""
+        self.view.iter = batch_index
+        self.view.epoch = batch_index // self.epoch_length
+        self.hook.after_train_iter(self.view, batch_index)
+
+    def swap_in(self) -> None:
+        """The averaged weights into the model, for validation."""
+        if not self.swapped:
+            self.hook.before_val_epoch(self.view)
+            self.swapped = True
+
+    def swap_out(self) -> None:
+        """The trained weights back into the model."""
+        if self.swapped:
+            self.hook.after_val_epoch(self.view)
+            self.swapped = False
+
+    def averaged_weights(self) -> dict[str, torch.Tensor]:
+        """The averaged detector's weights under the detector's own names."""
+        return self.hook.ema_model.module.state_dict()
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        return self.hook.ema_model.state_dict()
+
+    def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
+        self.hook.ema_model.load_state_dict(state, strict=True)
+
+
+class PipelineSchedule:
+    """A dataset's training pipeline by epoch: its own, then each switch's from its epoch on.
+
+    `select(epoch)` sets the pipeline of a sample's epoch on the dataset before the sample is
+    loaded (one sample at a time per process), as mmdet's PipelineSwitchHook sets it on the
+    dataset at the start of `switch_epoch`.
+    """
+
+    def __init__(self, dataset: Any, switches: list[tuple[int, list[dict]]]) -> None:
+        self.dataset = dataset
+        ordered = sorted(switches, key=lambda switch: switch[0])  # stable: later hooks win ties
+        self.stages = [(0, dataset.pipeline)]
+        for epoch, transforms in ordered:  # built in mmdet's registry whatever the default scope
+            self.stages.append((epoch, Compose([TRANSFORMS.build(t) for t in transforms])))
+
+    def select(self, epoch: int) -> None:
+        pipeline = self.stages[0][1]
+        for start, stage in self.stages:
+            if epoch >= start:
+                pipeline = stage
+        self.dataset.pipeline = pipeline
