@@ -55,7 +55,12 @@ from det_support import (  # noqa: E402
 from utils import experiment, export, predict  # noqa: E402
 from utils.annotations import AnnotationError  # noqa: E402
 from utils.check import check_experiment  # noqa: E402
-from utils.config import accumulative_counts, build_config, training_length  # noqa: E402
+from utils.config import (  # noqa: E402
+    accumulative_counts,
+    build_config,
+    training_length,
+    unfollowed_intervals,
+)
 from utils.data import (  # noqa: E402
     GroupedBatchSampler,
     LoaderSeedDraws,
@@ -154,6 +159,9 @@ class MMDetTrial(pytorch.PyTorchTrial):
         val_interval = self.cfg.train_cfg.get("val_interval", 1)
         by_epoch = self.cfg.train_cfg.get("type", "EpochBasedTrainLoop") == "EpochBasedTrainLoop"
         self.validation_batches = val_interval * self.epoch_length if by_epoch else val_interval
+        note = unfollowed_intervals(self.cfg)
+        if note:
+            logger.warning(note)
         # The global torch generator advances where mmengine's would (see LoaderSeedDraws).
         self.seed_draws = LoaderSeedDraws(
             keeps_workers(self.cfg.train_dataloader),

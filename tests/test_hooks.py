@@ -137,3 +137,14 @@ def test_averaged_weights_resume_exactly_and_are_exported(
     trained = load_determined_weights(checkpoint, averaged=False)
     assert all(torch.equal(from_checkpoint[name], value) for name, value in averaged.items())
     assert any(not torch.equal(trained[name], value) for name, value in averaged.items())
+
+
+def test_rtmdet_recipe_is_summarised_with_its_hooks_and_intervals() -> None:
+    summary, problems = check_experiment(load_experiment(REPO / "experiments" / "rtmdet.yaml", []))
+    assert not problems
+    assert "EMA weights (ExpMomentumEMA): validated and exported" in summary
+    assert "training pipeline switch: from epoch 281 (switch_epoch 280)" in summary
+    assert (
+        "note: train_cfg.dynamic_intervals [(280, 1)] is not followed: validation runs every 10 "
+        "epochs (train_cfg.val_interval) throughout; lower val_interval to validate more often."
+    ) in summary

@@ -11,7 +11,13 @@ from typing import Any
 from mmdet.registry import DATASETS, MODELS
 from mmdet.utils import register_all_modules
 
-from utils.config import KNOWN_HPARAMS, ConfigError, build_config, resolve_config_path
+from utils.config import (
+    KNOWN_HPARAMS,
+    ConfigError,
+    build_config,
+    resolve_config_path,
+    unfollowed_intervals,
+)
 from utils.config import training_length as config_training_length
 from utils.datasource import DataError, base_dataset
 from utils.evaluation import coco_backend
@@ -151,6 +157,9 @@ def check_experiment(exp: dict[str, Any]) -> tuple[list[str], list[str]]:
     if hooks.ema is not None:
         kind = hooks.ema.get("ema_type", "ExponentialMovingAverage")
         summary.append(f"EMA weights ({kind}): validated and exported")
+    note = unfollowed_intervals(cfg)
+    if note:
+        summary.append(f"note: {note}")
     for epoch, _ in hooks.switches:
         summary.append(f"training pipeline switch: from epoch {epoch + 1} (switch_epoch {epoch})")
     if tracking is not None:

@@ -193,3 +193,22 @@ def training_length(cfg: Config) -> tuple[int, str]:
         "The config's train_cfg names no max_epochs or max_iters, and the experiment's searcher no "
         "max_time: set one of them."
     )
+
+
+def unfollowed_intervals(cfg: Config) -> str | None:
+    """What to tell a user whose `train_cfg.dynamic_intervals` the fixed validation period
+    (Determined's `validation_period`, from `val_interval`) cannot follow; None if nothing."""
+    train_cfg = cfg.get("train_cfg") or {}
+    intervals = train_cfg.get("dynamic_intervals")
+    if not intervals:
+        return None
+    unit = (
+        "epochs"
+        if train_cfg.get("type", "EpochBasedTrainLoop") == "EpochBasedTrainLoop"
+        else "batches"
+    )
+    return (
+        f"train_cfg.dynamic_intervals {list(intervals)} is not followed: validation runs every "
+        f"{train_cfg.get('val_interval', 1)} {unit} (train_cfg.val_interval) throughout; lower "
+        "val_interval to validate more often."
+    )
