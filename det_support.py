@@ -35,7 +35,7 @@ from determined import pytorch
 from utils import experiment, export
 from utils.config import accumulative_counts
 from utils.datasource import DEFAULT_CACHE
-from utils.hooks import EmaWeights
+from utils.hooks import EmaWeights, sync_norms
 from utils.tracking import MlflowRun
 from utils.visualize import render_samples, sample_indices, save_pngs
 
@@ -71,14 +71,19 @@ class MMDetExport(pytorch.PyTorchCallback):
         )
 
 
-class EmaSwapIn(pytorch.PyTorchCallback):
-    """Registered first: the averaged weights (EMAHook) go into the model as validation starts."""
+class BeforeValidation(pytorch.PyTorchCallback):
+    """Registered first, as validation starts: the norm statistics averaged over the ranks
+    (SyncNormHook), then the averaged weights (EMAHook) into the model, in mmengine's order."""
 
-    def __init__(self, ema: EmaWeights) -> None:
-        self.ema = ema
+    def __init__(self, trial: MMDetTrial, sync_norm: bool) -> None:
+        self.trial = trial
+        self.sync_norm = sync_norm
 
     def on_validation_start(self) -> None:
-        self.ema.swap_in()
+        if self.sync_norm:
+            sync_norms(self.trial.model)
+        if self.trial.ema is not None:
+            self.trial.ema.swap_in()
 
 
 class EmaRestore(pytorch.PyTorchCallback):

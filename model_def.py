@@ -44,8 +44,8 @@ from mmengine.dataset import pseudo_collate  # noqa: E402
 from mmengine.runner import set_random_seed  # noqa: E402
 
 from det_support import (  # noqa: E402
+    BeforeValidation,
     EmaRestore,
-    EmaSwapIn,
     MlflowTracking,
     MMDetExport,
     PredictionImages,
@@ -69,7 +69,14 @@ from utils.data import (  # noqa: E402
 )
 from utils.datasource import DataError  # noqa: E402
 from utils.evaluation import CocoEvaluator  # noqa: E402
-from utils.hooks import EmaWeights, PipelineSchedule, plan_hooks  # noqa: E402
+from utils.hooks import (  # noqa: E402
+    EmaWeights,
+    PipelineSchedule,
+    plan_hooks,
+    publish_runtime_info,
+    use_l1_loss,
+    yolox_switch_epoch,
+)
 from utils.optim import (  # noqa: E402
     ParamSchedulers,
     amp_settings,
@@ -170,14 +177,27 @@ class MMDetTrial(pytorch.PyTorchTrial):
         )
         self.batches_trained = resumed_batches
         # The config's custom hooks (utils/hooks.py), built once the model is on its device.
+        self.max_epochs = -(-self.max_batches // self.epoch_length)
         self.ema = None
         if hooks.ema is not None:
             self.ema = EmaWeights(hooks.ema, self.detector, self.max_batches, self.epoch_length)
-            # Swapped in first when validation starts, back last when it ends: every callback
-            # (prediction images) sees the averaged weights, and checkpoints the trained ones.
-            self.callbacks = {"ema_in": EmaSwapIn(self.ema), **self.callbacks}
+        if self.ema is not None or hooks.sync_norm:
+            # First when validation starts (the averaged weights go back last, in "ema"): every
+            # callback (prediction images) sees the validated weights, checkpoints the trained.
+            self.callbacks = {
+                "before_validation": BeforeValidation(self, hooks.sync_norm),
+                **self.callbacks,
+            }
+        self.l1_from_epoch = None
+        skip = None
+        if hooks.yolox is not None:
+            last, skipped = hooks.yolox
+            self.l1_from_epoch = yolox_switch_epoch(last, self.max_epochs)
+            skip = (self.l1_from_epoch, skipped)
         self.pipelines = (
-            PipelineSchedule(self.train_dataset, hooks.switches) if hooks.switches else None
+            PipelineSchedule(self.train_dataset, hooks.switches, skip)
+            if hooks.switches or skip
+            else None
         )
 
         self.lr_scheduler = context.wrap_lr_scheduler(
@@ -240,8 +260,13 @@ class MMDetTrial(pytorch.PyTorchTrial):
 
     def train_batch(self, batch: Any, epoch_idx: int, batch_idx: int) -> dict[str, Any]:
         # Locally resumed runs count batches from 0 again; on a cluster batch_idx continues.
-        self.seed_draws.before_train_batch(batch_idx + self.resumed_batches)
-        self.batches_trained = batch_idx + self.resumed_batches + 1
+        index = batch_idx + self.resumed_batches
+        self.seed_draws.before_train_batch(index)
+        self.batches_trained = index + 1
+        epoch = index // self.epoch_length
+        publish_runtime_info(index, epoch, self.max_batches, self.max_epochs)
+        if self.l1_from_epoch is not None and epoch >= self.l1_from_epoch:
+            use_l1_loss(self.detector)
         data = self.detector.data_preprocessor(batch, training=True)
         with self.amp.autocast() if self.amp else contextlib.nullcontext():
             losses = self.model(**data, mode="loss")
@@ -270,7 +295,7 @@ class MMDetTrial(pytorch.PyTorchTrial):
         if self.scaler and (batch_idx + 1) % self.accumulation == 0:  # after a real step only
             self.scaler.update(self.amp.static_scale())
         if self.ema is not None:  # every batch, as mmengine calls EMAHook after every iteration
-            self.ema.after_batch(batch_idx + self.resumed_batches)
+            self.ema.after_batch(index)
         metrics["lr"] = self.optimizer.param_groups[0]["lr"]
         return metrics
 

@@ -8,14 +8,17 @@ from pathlib import Path
 
 import pytest
 import torch
+from mmcv.transforms import BaseTransform
+from mmdet.registry import TRANSFORMS
 from mmengine.config import Config
 
+from det_support import free_ports
 from tests.conftest import TINY_SYNTHETIC, train
 from utils.check import check_experiment
 from utils.config import ConfigError
 from utils.experiment import load_experiment
 from utils.export import load_determined_weights
-from utils.hooks import PipelineSchedule, plan_hooks
+from utils.hooks import PipelineSchedule, plan_hooks, sync_norms
 
 REPO = Path(__file__).resolve().parent.parent
 HOOKS = """
@@ -35,9 +38,10 @@ custom_hooks = [
     ("hooks", "message"),
     [
         (
-            [dict(type="YOLOXModeSwitchHook", num_last_epochs=15)],
-            r"custom_hooks\[0\] is 'YOLOXModeSwitchHook', which this trial cannot run: it "
-            r"supports EMAHook, PipelineSwitchHook, CheckInvalidLossHook. Remove the hook",
+            [dict(type="MeanTeacherHook")],
+            r"custom_hooks\[0\] is 'MeanTeacherHook', which this trial cannot run: it supports "
+            r"EMAHook, PipelineSwitchHook, YOLOXModeSwitchHook, SyncNormHook, "
+            r"CheckInvalidLossHook. Remove the hook",
         ),
         (
             [dict(type="EMAHook"), dict(type="mmdet.EMAHook")],
@@ -148,3 +152,87 @@ def test_rtmdet_recipe_is_summarised_with_its_hooks_and_intervals() -> None:
         "note: train_cfg.dynamic_intervals [(280, 1)] is not followed: validation runs every 10 "
         "epochs (train_cfg.val_interval) throughout; lower val_interval to validate more often."
     ) in summary
+
+
+@TRANSFORMS.register_module(force=True)
+class CountCalls(BaseTransform):
+    """Test-only transform: appends a line to `path` each time it runs (in any process)."""
+
+    def __init__(self, path: str) -> None:
+        self.path = path
+
+    def transform(self, results: dict) -> dict:
+        with open(self.path, "a") as out:
+            out.write("called\n")
+        return results
+
+
+def yolox_merge(tmp_path: Path) -> Path:
+    """The synthetic YOLOX with CountCalls among the transforms its mode switch skips."""
+    calls = tmp_path / "calls.txt"
+    merge = tmp_path / "yolox_merge.py"
+    merge.write_text(f"""
+train_dataloader = dict(dataset=dict(pipeline=[
+    dict(type="CountCalls", path="{calls}"),
+    dict(type="Mosaic", img_scale=(128, 128), pad_val=114.0),
+    dict(type="RandomAffine", scaling_ratio_range=(0.5, 1.5), border=(-64, -64)),
+    dict(type="Resize", scale=(128, 128), keep_ratio=True),
+    dict(type="Pad", pad_to_square=True, pad_val=dict(img=(114.0, 114.0, 114.0))),
+    dict(type="FilterAnnotations", min_gt_bbox_wh=(1, 1), keep_empty=False),
+    dict(type="PackDetInputs"),
+]))
+train_cfg = dict(max_epochs=3)
+custom_hooks = [
+    dict(type="YOLOXModeSwitchHook", num_last_epochs=1,
+         skip_type_keys=("CountCalls", "Mosaic", "RandomAffine")),
+    dict(type="SyncNormHook"),
+]
+""")
+    return merge
+
+
+def test_yolox_mode_switch_skips_transforms_in_workers_and_adds_the_l1_loss(
+    tmp_path: Path, synthetic_cache: Path
+) -> None:
+    """3 epochs of 4 batches: mmdet's hook switches when `epoch + 1 >= 3 - 1`, i.e. from the
+    second epoch; the loaders' 2 persistent workers load the samples."""
+    data = {"backend": "synthetic", "cache_dir": str(synthetic_cache), "synthetic": TINY_SYNTHETIC}
+    records = train(
+        tmp_path / "run",
+        "configs/synthetic/yolox_tiny_synthetic.py",
+        data,
+        "--set",
+        f"hyperparameters.merge_config={yolox_merge(tmp_path)}",
+        "--report-every",
+        "1",
+    )
+    training = {r["batches"]: r["metrics"] for r in records if r["kind"] == "training"}
+    assert sorted(training) == list(range(1, 13))
+    assert [b for b, metrics in training.items() if "loss_l1" in metrics] == list(range(5, 13))
+    # The first epoch's 16 samples ran the transform, the switched epochs' did not.
+    assert (tmp_path / "calls.txt").read_text().count("called") == TINY_SYNTHETIC["num_train"]
+
+
+def sync_norms_on_rank(rank: int, port: int, out_dir: str) -> None:
+    """One of two gloo ranks: norm statistics that differ by rank, synced through DDP."""
+    torch.distributed.init_process_group(
+        "gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2
+    )
+    try:
+        model = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 1), torch.nn.BatchNorm2d(4))
+        wrapped = torch.nn.parallel.DistributedDataParallel(model)  # broadcasts rank 0's state
+        model[1].running_mean.fill_(float(rank + 1))  # 1 and 2: the mean is 1.5
+        model[1].running_var.fill_(float(2 * rank + 1))  # 1 and 3: the mean is 2
+        sync_norms(wrapped)
+        torch.save(model[1].state_dict(), Path(out_dir) / f"{rank}.pth")
+    finally:
+        torch.distributed.destroy_process_group()
+
+
+def test_norm_statistics_are_averaged_over_ranks(tmp_path: Path) -> None:
+    port = free_ports(1)[0]
+    torch.multiprocessing.spawn(sync_norms_on_rank, args=(port, str(tmp_path)), nprocs=2)
+    for rank in (0, 1):
+        state = torch.load(tmp_path / f"{rank}.pth")
+        assert torch.equal(state["running_mean"], torch.full((4,), 1.5))
+        assert torch.equal(state["running_var"], torch.full((4,), 2.0))

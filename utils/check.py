@@ -22,7 +22,7 @@ from utils.config import training_length as config_training_length
 from utils.datasource import DataError, base_dataset
 from utils.evaluation import coco_backend
 from utils.experiment import ExperimentError, local_hparams, training_length
-from utils.hooks import plan_hooks
+from utils.hooks import plan_hooks, yolox_switch_epoch
 from utils.tracking import TrackingError, mlflow_settings, redact
 from utils.visualize import visualization_settings
 
@@ -160,6 +160,19 @@ def check_experiment(exp: dict[str, Any]) -> tuple[list[str], list[str]]:
     note = unfollowed_intervals(cfg)
     if note:
         summary.append(f"note: {note}")
+    if hooks.yolox is not None:
+        last, skipped = hooks.yolox
+        start = (
+            f"from epoch {yolox_switch_epoch(last, value) + 1} of {value}"
+            if unit == "epochs"
+            else f"for the last {last} epochs"
+        )
+        summary.append(
+            f"YOLOX mode switch (num_last_epochs {last}): {start} without {', '.join(skipped)}, "
+            "with the L1 loss"
+        )
+    if hooks.sync_norm:
+        summary.append("norm statistics averaged over the ranks before each validation")
     for epoch, _ in hooks.switches:
         summary.append(f"training pipeline switch: from epoch {epoch + 1} (switch_epoch {epoch})")
     if tracking is not None:

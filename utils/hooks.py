@@ -21,12 +21,21 @@ from typing import Any
 
 import torch
 from mmcv.transforms import Compose
+from mmdet.engine.hooks import SyncNormHook
 from mmdet.registry import TRANSFORMS
+from mmengine.logging import MessageHub
 from mmengine.registry import HOOKS
 
 from utils.config import ConfigError
 
-SUPPORTED = ("EMAHook", "PipelineSwitchHook", "CheckInvalidLossHook")
+SUPPORTED = (
+    "EMAHook",
+    "PipelineSwitchHook",
+    "YOLOXModeSwitchHook",
+    "SyncNormHook",
+    "CheckInvalidLossHook",
+)
+YOLOX_SKIPPED = ("Mosaic", "RandomAffine", "MixUp")  # YOLOXModeSwitchHook's default
 
 
 @dataclass
@@ -35,6 +44,9 @@ class HookPlan:
 
     ema: dict[str, Any] | None = None  # the EMAHook's config
     switches: list[tuple[int, list[dict]]] = field(default_factory=list)  # (epoch, pipeline)
+    # YOLOXModeSwitchHook: (num_last_epochs, skip_type_keys)
+    yolox: tuple[int, tuple[str, ...]] | None = None
+    sync_norm: bool = False
 
 
 def plan_hooks(cfg: Any) -> HookPlan:
@@ -62,7 +74,40 @@ def plan_hooks(cfg: Any) -> HookPlan:
                     f"switch_pipeline (a list of transforms); got {epoch!r} and {pipeline!r}."
                 )
             plan.switches.append((epoch, copy.deepcopy(list(pipeline))))
+        elif kind == "YOLOXModeSwitchHook":
+            last = hook.get("num_last_epochs", 15)
+            if not isinstance(last, int) or last < 0:
+                raise ConfigError(f"{where}: num_last_epochs {last!r} is not an int >= 0.")
+            plan.yolox = (last, tuple(hook.get("skip_type_keys", YOLOX_SKIPPED)))
+        elif kind == "SyncNormHook":
+            plan.sync_norm = True
     return plan
+
+
+def publish_runtime_info(iteration: int, epoch: int, max_iters: int, max_epochs: int) -> None:
+    """The loop's position in mmengine's MessageHub, as RuntimeInfoHook sets it before an
+    iteration (`iteration` and `epoch` count from 0)."""
+    hub = MessageHub.get_current_instance()
+    hub.update_info("iter", iteration)
+    hub.update_info("epoch", epoch)
+    hub.update_info("max_iters", max_iters)
+    hub.update_info("max_epochs", max_epochs)
+
+
+def yolox_switch_epoch(num_last_epochs: int, max_epochs: int) -> int:
+    """The first epoch (from 0) of YOLOXModeSwitchHook's last stage, as the hook decides it."""
+    return max(max_epochs - num_last_epochs - 1, 0)
+
+
+def use_l1_loss(model: torch.nn.Module) -> None:
+    """What YOLOXModeSwitchHook does to the model: the YOLOX head adds its L1 loss."""
+    head = model.detector.bbox_head if hasattr(model, "detector") else model.bbox_head
+    head.use_l1 = True
+
+
+def sync_norms(model: torch.nn.Module) -> None:
+    """mmdet's SyncNormHook before a validation: norm statistics averaged over the ranks."""
+    SyncNormHook().before_val_epoch(SimpleNamespace(model=model))
 
 
 class EmaWeights:
@@ -125,15 +170,29 @@ class EmaWeights:
 
 
 class PipelineSchedule:
-    """A dataset's training pipeline by epoch: its own, then each switch's from its epoch on.
+    """A dataset's training pipeline by epoch: its own, then each switch's from its epoch on;
+    and, with `skip` `(epoch, types)`, a dataset wrapper's skipped transforms from that epoch on.
 
-    `select(epoch)` sets the pipeline of a sample's epoch on the dataset before the sample is
-    loaded (one sample at a time per process), as mmdet's PipelineSwitchHook sets it on the
-    dataset at the start of `switch_epoch`.
+    `select(epoch)` sets them for a sample's epoch before the sample is loaded (one sample at a
+    time per process), as mmdet's PipelineSwitchHook and YOLOXModeSwitchHook set them on the
+    dataset at the start of an epoch.
     """
 
-    def __init__(self, dataset: Any, switches: list[tuple[int, list[dict]]]) -> None:
+    def __init__(
+        self,
+        dataset: Any,
+        switches: list[tuple[int, list[dict]]],
+        skip: tuple[int, tuple[str, ...]] | None = None,
+    ) -> None:
         self.dataset = dataset
+        self.skip = skip
+        if skip is not None and not hasattr(dataset, "update_skip_type_keys"):
+            raise ConfigError(
+                f"custom_hooks YOLOXModeSwitchHook skips {list(skip[1])} from epoch {skip[0]}, "
+                f"but the training dataset ({type(dataset).__name__}) cannot skip transforms: "
+                "it needs a MultiImageMixDataset, as mmdet's YOLOX configs have."
+            )
+        self.unskipped = list(getattr(dataset, "_skip_type_keys", None) or [])
         ordered = sorted(switches, key=lambda switch: switch[0])  # stable: later hooks win ties
         self.stages = [(0, dataset.pipeline)]
         for epoch, transforms in ordered:  # built in mmdet's registry whatever the default scope
@@ -145,3 +204,6 @@ class PipelineSchedule:
             if epoch >= start:
                 pipeline = stage
         self.dataset.pipeline = pipeline
+        if self.skip is not None:
+            start, types = self.skip
+            self.dataset.update_skip_type_keys(list(types) if epoch >= start else self.unskipped)
