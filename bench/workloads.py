@@ -41,21 +41,17 @@ def build_cfg(sets: list[str]) -> Any:
 
 def train_ours(spec: dict[str, Any]) -> list[tuple[float, ...]]:
     """A local run of our trial through Determined's Trainer, stamped at each train_batch."""
-    import model_def
-    from det_support import run_local
+    from on_determined.local import run_local
+    from on_determined.trial import MMDetTrial
 
     stamps: list[tuple[float, ...]] = []
 
-    class StampedTrial(model_def.MMDetTrial):
+    class StampedTrial(MMDetTrial):
         def train_batch(self, batch: Any, epoch_idx: int, batch_idx: int) -> dict[str, Any]:
             stamps.append(stamp())
             return super().train_batch(batch, epoch_idx, batch_idx)
 
-    argv = [str(EXPERIMENT), "--local", "--output", spec["output"]]
-    args = model_def.parse_args(
-        argv + [part for value in spec["sets"] for part in ("--set", value)]
-    )
-    run_local(args, StampedTrial)
+    run_local(str(EXPERIMENT), spec["sets"], spec["output"], trial_class=StampedTrial)
     return stamps
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import pytest
@@ -16,6 +17,29 @@ TINY_SYNTHETIC = {"num_train": 16, "num_val": 8, "image_size": 128, "max_instanc
 @pytest.fixture(scope="session")
 def synthetic_cache(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return tmp_path_factory.mktemp("synthetic-cache")
+
+
+@pytest.fixture
+def coco(tmp_path: Path, synthetic_cache: Path) -> Path:
+    """A writable copy of the tiny generated COCO dataset (3 classes), for tests that damage it."""
+    from utils.synthetic import SyntheticSpec, ensure_dataset
+
+    source = ensure_dataset(synthetic_cache, SyntheticSpec(**TINY_SYNTHETIC))
+    shutil.copytree(source, tmp_path / "coco")
+    return tmp_path / "coco"
+
+
+def disk_data(root: Path, **extra: object) -> dict:
+    """The experiment `data` section of a COCO set on disk laid out as the generated one."""
+    return {
+        "backend": "disk",
+        "root": str(root),
+        "train_ann": "annotations/instances_train.json",
+        "val_ann": "annotations/instances_val.json",
+        "train_img_prefix": "train/",
+        "val_img_prefix": "val/",
+        **extra,
+    }
 
 
 @pytest.fixture

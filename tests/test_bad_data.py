@@ -8,7 +8,6 @@ their image) are counted and reported in the log.
 from __future__ import annotations
 
 import json
-import shutil
 from collections.abc import Callable
 from pathlib import Path
 
@@ -17,34 +16,13 @@ import pytest
 from mmdet.registry import DATASETS
 from mmdet.utils import register_all_modules
 
-from tests.conftest import TINY_SYNTHETIC, train
+from tests.conftest import disk_data, train
 from utils.annotations import AnnotationError
 from utils.config import build_config
 from utils.data import ImageError, LoudDataset
 from utils.datasource import DataError
-from utils.synthetic import SyntheticSpec, ensure_dataset
 
 CONFIG = {"config_file": "configs/synthetic/maskrcnn_r18_fpn_synthetic.py", "global_batch_size": 2}
-
-
-@pytest.fixture
-def coco(tmp_path: Path, synthetic_cache: Path) -> Path:
-    """A writable copy of the tiny generated COCO dataset."""
-    source = ensure_dataset(synthetic_cache, SyntheticSpec(**TINY_SYNTHETIC))
-    shutil.copytree(source, tmp_path / "coco")
-    return tmp_path / "coco"
-
-
-def data_of(root: Path, **extra: object) -> dict:
-    return {
-        "backend": "disk",
-        "root": str(root),
-        "train_ann": "annotations/instances_train.json",
-        "val_ann": "annotations/instances_val.json",
-        "train_img_prefix": "train/",
-        "val_img_prefix": "val/",
-        **extra,
-    }
 
 
 def edit(root: Path, change: Callable[[dict], None], split: str = "train") -> None:
@@ -60,7 +38,7 @@ def first_image(root: Path, split: str = "train") -> Path:
 
 def load_all(root: Path, split: str = "train") -> None:
     register_all_modules(init_default_scope=True)
-    cfg = build_config(CONFIG, data_of(root))
+    cfg = build_config(CONFIG, disk_data(root))
     dataset = LoudDataset(DATASETS.build(cfg[f"{split}_dataloader"].dataset))
     for index in range(len(dataset)):
         dataset[index]
@@ -89,25 +67,25 @@ def test_zero_byte_image_names_the_file(coco: Path) -> None:
 def test_malformed_annotation_json(coco: Path) -> None:
     (coco / "annotations" / "instances_val.json").write_text('{"images": [')
     with pytest.raises(AnnotationError, match=r"instances_val.json: cannot read it as JSON"):
-        build_config(CONFIG, data_of(coco))
+        build_config(CONFIG, disk_data(coco))
 
 
 def test_annotation_of_an_unknown_image(coco: Path) -> None:
     edit(coco, lambda ann: ann["annotations"][2].update(image_id=999))
     with pytest.raises(AnnotationError, match=r"annotation 3 names image_id 999, which is not"):
-        build_config(CONFIG, data_of(coco))
+        build_config(CONFIG, disk_data(coco))
 
 
 def test_unknown_category_id(coco: Path) -> None:
     edit(coco, lambda ann: ann["annotations"][0].update(category_id=42))
     with pytest.raises(AnnotationError, match=r"annotation 1 has category_id 42, not among"):
-        build_config(CONFIG, data_of(coco))
+        build_config(CONFIG, disk_data(coco))
 
 
 def test_polygon_with_two_points(coco: Path) -> None:
     edit(coco, lambda ann: ann["annotations"][1].update(segmentation=[[1, 1, 5, 5]]))
     with pytest.raises(AnnotationError, match=r"annotation 2: a polygon has 4 coordinates"):
-        build_config(CONFIG, data_of(coco))
+        build_config(CONFIG, disk_data(coco))
 
 
 def test_boxes_with_negative_size_or_outside_are_counted_skips(
@@ -119,26 +97,26 @@ def test_boxes_with_negative_size_or_outside_are_counted_skips(
 
     edit(coco, change)
     with caplog.at_level("WARNING"):
-        build_config(CONFIG, data_of(coco))
+        build_config(CONFIG, disk_data(coco))
     assert "instances_train.json: 2 of" in caplog.text and "skipped (ids [1, 2])" in caplog.text
 
 
 def test_empty_dataset_after_filtering_is_an_error(coco: Path, tmp_path: Path) -> None:
     edit(coco, lambda ann: ann.update(annotations=[]))
     with pytest.raises(DataError, match="The train dataset is empty after mmdet's filtering"):
-        train(tmp_path / "run", CONFIG["config_file"], data_of(coco), "--max-batches", "1")
+        train(tmp_path / "run", CONFIG["config_file"], disk_data(coco), "--max-batches", "1")
 
 
 def test_class_list_mismatch(coco: Path) -> None:
     with pytest.raises(DataError, match=r"data.classes names \['hexagon'\]"):
-        build_config(CONFIG, data_of(coco, classes=["circle", "hexagon"]))
+        build_config(CONFIG, disk_data(coco, classes=["circle", "hexagon"]))
 
 
 def test_image_prefix_pointing_nowhere(coco: Path) -> None:
     with pytest.raises(DataError, match=r"data.val_img_prefix: image folder .*nowhere"):
-        build_config(CONFIG, data_of(coco, val_img_prefix="nowhere/"))
+        build_config(CONFIG, disk_data(coco, val_img_prefix="nowhere/"))
 
 
 def test_missing_annotation_file(coco: Path) -> None:
     with pytest.raises(DataError, match=r"data.train_ann: annotation file .*missing.json"):
-        build_config(CONFIG, data_of(coco, train_ann="missing.json"))
+        build_config(CONFIG, disk_data(coco, train_ann="missing.json"))

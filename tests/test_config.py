@@ -9,6 +9,7 @@ from mmengine.config import Config
 from utils.config import ConfigError, build_config, resolve_config_path
 from utils.datasource import DataError, drop_pretrained
 from utils.experiment import load_experiment, local_hparams
+from utils.plan import plan_run
 
 REPO = Path(__file__).resolve().parent.parent
 DEMO = "configs/synthetic/maskrcnn_r18_fpn_synthetic.py"
@@ -179,3 +180,29 @@ def test_gcs_layout_and_image_cache_without_network() -> None:
     assert loads[0].backend_args == {"backend": "gcs", "cache_bytes": 10_000_000}
     with pytest.raises(DataError, match="data.bucket is not set"):
         build_config(hparams(), {"backend": "gcs"}, verify_paths=False)
+
+
+def test_missing_merge_config_is_named_as_merge_config(synthetic_data: dict) -> None:
+    with pytest.raises(ConfigError, match=r"^hyperparameters.merge_config: config 'extra.py' not"):
+        build_config(hparams(merge_config="extra.py"), synthetic_data)
+
+
+@pytest.mark.parametrize(
+    ("hp", "data", "error", "message"),
+    [
+        ({"lrr": 0.01}, {}, ConfigError, r"hyperparameters.lrr is not read by the trial; did you"),
+        (
+            {},
+            {"clases": ["a"]},
+            DataError,
+            r"data.clases is not a data key; did you mean classes\?",
+        ),
+        ({}, {"val_annotation": "a"}, DataError, r"data.val_annotation .* did you mean val_ann\?"),
+        ({}, {"synthetic": {"num_trian": 3}}, DataError, r"did you mean num_train\?"),
+    ],
+)
+def test_a_run_refuses_keys_it_does_not_read(
+    hp: dict, data: dict, error: type, message: str, synthetic_data: dict
+) -> None:
+    with pytest.raises(error, match=message):
+        plan_run({**hparams(), **hp}, {**synthetic_data, **data})

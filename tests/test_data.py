@@ -85,6 +85,28 @@ def test_ranks_share_each_global_batch(replicas: int) -> None:
         assert set(merged) == set(batch) and merged[: len(batch)] == batch
 
 
+@pytest.mark.parametrize("replicas", [2, 3])
+def test_a_rank_takes_its_own_slice_of_every_global_batch(replicas: int) -> None:
+    """Any engine's rank r: the slices Determined would deal it, resumes included."""
+    dealt = GroupedBatchSampler(Shapes(SIZES), batch_size=2, seed=0, num_replicas=replicas)
+    stream = list(dealt) + list(dealt)  # two passes
+    for rank in range(replicas):
+        own = GroupedBatchSampler(
+            Shapes(SIZES), batch_size=2, seed=0, num_replicas=replicas, rank=rank
+        )
+        mine = list(own) + list(own)
+        assert len(own) == len(dealt) // replicas
+        assert mine == stream[rank::replicas]
+        # Skipping 4 global batches on every rank is skipping 4 x replicas dealt slices.
+        resumed = GroupedBatchSampler(
+            Shapes(SIZES), batch_size=2, seed=0, num_replicas=replicas, rank=rank, skip=4
+        )
+        end = (4 // len(own) + 1) * len(own)  # a pass at a time: the rest of the fourth's
+        assert list(resumed) == mine[4:end]
+    with pytest.raises(ValueError, match="rank 3 is not in"):
+        GroupedBatchSampler(Shapes(SIZES), batch_size=2, seed=0, num_replicas=3, rank=3)
+
+
 @pytest.mark.parametrize("batch_size", [1, 5, 21, 30])
 def test_length_is_ceil_of_size_over_batch(batch_size: int) -> None:
     sampler = GroupedBatchSampler(Shapes(SIZES), batch_size=batch_size, seed=0)

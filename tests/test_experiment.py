@@ -84,3 +84,40 @@ def test_mmdet_mappings_with_type_are_wrapped_in_const() -> None:
     }
     with pytest.raises(ExperimentError, match=r"wrap an mmdet config mapping as \{type: const"):
         local_hparams({"override_mmdet_config": {"a.b": {"type": "Resize"}}})
+
+
+def test_yaml_syntax_error_names_the_line(tmp_path: Path) -> None:
+    path = tmp_path / "exp.yaml"
+    path.write_text("name: x\ndata:\n  backend: disk\n   root: /data\n")
+    with pytest.raises(ExperimentError, match=rf"{path} is not valid YAML \(line 4, column 8: "):
+        load_experiment(path)
+
+
+@pytest.mark.parametrize(
+    ("item", "message"),
+    [
+        ("data.classes=[a, b", r"--set 'data.classes=\[a, b': the value is not valid YAML \(line"),
+        ("data..root=/x", "dotted.key=value"),
+        ("=3", "dotted.key=value"),
+    ],
+)
+def test_set_values_and_keys_are_checked(tmp_path: Path, item: str, message: str) -> None:
+    path = tmp_path / "exp.yaml"
+    path.write_text("data:\n  backend: disk\n")
+    with pytest.raises(ExperimentError, match=message):
+        load_experiment(path, [item])
+
+
+@pytest.mark.parametrize(
+    ("spec", "message"),
+    [
+        ({"type": "int", "minval": 1}, "hyperparameters.x: an int hyperparameter needs maxval"),
+        ({"type": "log", "minval": -4, "maxval": -2}, "a log hyperparameter needs base"),
+        ({"type": "double", "minval": 2, "maxval": 1}, "minval 2 must be less than maxval 1"),
+        ({"type": "categorical", "vals": []}, "categorical vals is empty"),
+        ({"type": "const", "value": 3}, "did you mean val?"),
+    ],
+)
+def test_specs_a_master_rejects_are_named_locally(spec: dict, message: str) -> None:
+    with pytest.raises(ExperimentError, match=message):
+        local_hparams({"x": spec})

@@ -7,10 +7,12 @@ proxy that counts requests per object and can answer an error or reset the conne
 from __future__ import annotations
 
 import http.client
+import importlib
 import json
 import multiprocessing
 import socket
 import struct
+import sys
 import threading
 import time
 from collections import Counter
@@ -27,8 +29,10 @@ from google.auth.credentials import AnonymousCredentials
 from google.cloud import storage
 from mmcv.transforms import LoadImageFromFile
 from mmengine import fileio
+from mmengine.fileio.backends import backends, prefix_to_backends
 from torch.utils.data import DataLoader, Dataset
 
+import utils
 from tests.conftest import train
 from utils import gcs
 from utils.synthetic import CLASSES, MARKER, SyntheticSpec, ensure_dataset
@@ -122,6 +126,12 @@ def _free_port() -> int:
         return sock.getsockname()[1]
 
 
+@pytest.fixture(scope="module", autouse=True)
+def gcs_backend() -> None:
+    """mmengine's fileio reads gs:// paths through the backend, once registered."""
+    gcs.register_gcs_backend()
+
+
 @pytest.fixture(scope="module")
 def emulator() -> Iterator[str]:
     from gcp_storage_emulator.server import create_server
@@ -164,6 +174,23 @@ def proxy(emulator: str, local: Path, monkeypatch: pytest.MonkeyPatch) -> Iterat
 
 def _images(root: Path) -> list[str]:
     return sorted(str(p.relative_to(root)) for p in root.glob("*/*.png"))
+
+
+def test_importing_does_not_register_the_backend(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A fresh import of utils.gcs only defines the backend; `register_gcs_backend` registers it
+    (again without failing). The registry and the modules are restored afterwards."""
+    monkeypatch.delitem(backends, "gcs")
+    monkeypatch.delitem(prefix_to_backends, "gs")
+    for name in ("gcs", "gcs_client"):
+        monkeypatch.delitem(sys.modules, f"utils.{name}")
+        monkeypatch.delattr(utils, name)
+    fresh = importlib.import_module("utils.gcs")
+    assert fresh is not gcs
+    assert "gcs" not in backends and "gs" not in prefix_to_backends
+    fresh.register_gcs_backend()
+    fresh.register_gcs_backend()
+    assert backends["gcs"] is prefix_to_backends["gs"] is fresh.GCSBackend
+    assert isinstance(fileio.get_file_backend("gs://bucket/object"), fresh.GCSBackend)
 
 
 def test_fileio_reads_every_image(proxy: FaultProxy, local: Path) -> None:
@@ -248,6 +275,20 @@ def test_forked_workers_make_their_own_client(proxy: FaultProxy, local: Path) ->
     # Each worker counts its own reads: 6 each, not continuing from the parent's 1.
     assert max(count for _, _, count in results) == len(images) // 2
     assert gcs.stats().objects_read == 1
+
+
+def test_spawned_workers_register_the_backend(proxy: FaultProxy, local: Path) -> None:
+    """A worker started by spawn inherits no registration: `register_gcs_backend` as the loader's
+    `worker_init_fn` registers it there."""
+    images = _images(local)[:2]
+    loader = DataLoader(
+        ImageBytes([f"gs://{BUCKET}/{PREFIX}/{rel}" for rel in images]),
+        batch_size=None,
+        num_workers=1,
+        multiprocessing_context="spawn",
+        worker_init_fn=gcs.register_gcs_backend,
+    )
+    assert [data for data, _, _ in loader] == [(local / rel).read_bytes() for rel in images]
 
 
 def test_download_annotations_once(proxy: FaultProxy, local: Path, tmp_path: Path) -> None:

@@ -6,19 +6,20 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import cv2
 import pytest
 import torch
 from mmcv.transforms import BaseTransform
 from mmdet.registry import TRANSFORMS
 from mmengine.config import Config
 
-from det_support import free_ports
+from on_determined.checkpoints import load_determined_weights
+from on_determined.local import free_ports
 from tests.conftest import TINY_SYNTHETIC, train
 from utils.check import check_experiment
 from utils.config import ConfigError
 from utils.experiment import load_experiment
-from utils.export import load_determined_weights
-from utils.hooks import PipelineSchedule, plan_hooks, sync_norms
+from utils.hooks import PipelineSchedule, plan_hooks, runner_environment, sync_norms
 
 REPO = Path(__file__).resolve().parent.parent
 HOOKS = """
@@ -82,7 +83,8 @@ def test_check_summarises_the_hooks(tmp_path: Path) -> None:
         [f"hyperparameters.merge_config={tmp_path / 'hooks.py'}"],
     )
     summary, problems = check_experiment(exp)
-    assert not problems
+    # The only problem: a merge_config outside the repository would not be uploaded.
+    assert len(problems) == 1 and "hooks.py is outside the repository" in problems[0]
     assert "EMA weights (ExpMomentumEMA): validated and exported" in summary
     assert "training pipeline switch: from epoch 2 (switch_epoch 1)" in summary
     (tmp_path / "hooks.py").write_text("custom_hooks = [dict(type='MeanTeacherHook')]\n")
@@ -236,3 +238,15 @@ def test_norm_statistics_are_averaged_over_ranks(tmp_path: Path) -> None:
         state = torch.load(tmp_path / f"{rank}.pth")
         assert torch.equal(state["running_mean"], torch.full((4,), 1.5))
         assert torch.equal(state["running_var"], torch.full((4,), 2.0))
+
+
+def test_runner_environment_follows_env_cfg() -> None:
+    before = cv2.getNumThreads()
+    try:
+        cv2.setNumThreads(3)
+        runner_environment(Config({"env_cfg": {"mp_cfg": {"opencv_num_threads": 0}}}), False)
+        assert cv2.getNumThreads() == 1  # OpenCV's count with threading off
+        runner_environment(Config({"env_cfg": {"mp_cfg": {"opencv_num_threads": 2}}}), False)
+        assert cv2.getNumThreads() == 2
+    finally:
+        cv2.setNumThreads(before)

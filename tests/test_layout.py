@@ -1,4 +1,5 @@
-"""Determined stays at the edge: only model_def.py and det_support.py import it."""
+"""The house's boundaries: only on_determined/ imports Determined, utils/ imports no engine, the
+package's modules import each other without a cycle, and library modules stay small."""
 
 from __future__ import annotations
 
@@ -6,21 +7,71 @@ import ast
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
-EDGE = {"model_def.py", "det_support.py"}
+PACKAGES = ("utils", "on_determined")
+ENGINES = {"determined", "ray"}
+
+
+def sources() -> list[Path]:
+    return [*REPO.glob("*.py"), *(p for pkg in PACKAGES for p in (REPO / pkg).rglob("*.py"))]
+
+
+def module_name(path: Path) -> str:
+    parts = path.relative_to(REPO).with_suffix("").parts
+    return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
 
 
 def imported_modules(path: Path) -> set[str]:
+    """Every module `path` imports, anywhere in it (functions included), by its full name."""
     tree = ast.parse(path.read_text(), filename=str(path))
     names = set()
     for node in ast.walk(tree):
         if isinstance(node, ast.Import):
-            names.update(alias.name.split(".")[0] for alias in node.names)
+            names.update(alias.name for alias in node.names)
         elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
-            names.add(node.module.split(".")[0])
+            names.add(node.module)
+            # `from utils import gcs` imports the module utils.gcs.
+            names.update(f"{node.module}.{alias.name}" for alias in node.names)
     return names
 
 
-def test_only_the_edge_modules_import_determined() -> None:
-    sources = [*REPO.glob("*.py"), *(REPO / "utils").glob("*.py")]
-    importers = {p.name for p in sources if "determined" in imported_modules(p)}
-    assert importers == EDGE
+def test_only_the_determined_adapter_imports_determined() -> None:
+    importers = {
+        str(p.relative_to(REPO))
+        for p in sources()
+        if any(name.split(".")[0] == "determined" for name in imported_modules(p))
+    }
+    assert importers, "the adapter imports determined: the test must see it"
+    assert all(name.startswith("on_determined/") for name in importers), importers
+
+
+def test_utils_imports_no_engine() -> None:
+    for path in (REPO / "utils").rglob("*.py"):
+        engines = {name.split(".")[0] for name in imported_modules(path)} & ENGINES
+        assert not engines, f"{path.relative_to(REPO)} imports {engines}"
+
+
+def test_no_import_cycle() -> None:
+    modules = {module_name(p): p for p in sources()}
+    graph = {
+        name: {m for m in imported_modules(path) if m in modules and m != name}
+        for name, path in modules.items()
+    }
+    assert graph["on_determined.trial"] >= {"utils.session", "on_determined.callbacks"}
+    state: dict[str, str] = {}
+
+    def visit(name: str, trail: list[str]) -> None:
+        if state.get(name) == "done":
+            return
+        assert state.get(name) != "open", "import cycle: " + " -> ".join([*trail, name])
+        state[name] = "open"
+        for imported in sorted(graph[name]):
+            visit(imported, [*trail, name])
+        state[name] = "done"
+
+    for name in sorted(graph):
+        visit(name, [])
+
+
+def test_modules_stay_small() -> None:
+    sizes = {str(p.relative_to(REPO)): len(p.read_text().splitlines()) for p in sources()}
+    assert not {name: n for name, n in sizes.items() if n > 320}, "split modules over ~300 lines"

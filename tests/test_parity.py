@@ -23,11 +23,11 @@ from mmengine.hooks import EMAHook, Hook
 from mmengine.runner import Runner
 
 import model_def
+from on_determined.checkpoints import load_determined_weights
 from utils import experiment
 from utils.coco_metric import BackendCocoMetric
 from utils.config import build_config
 from utils.data import GroupedBatchSampler, LoaderSeedDraws
-from utils.export import load_determined_weights
 
 REPO = Path(__file__).resolve().parent.parent
 # Our metric for the Runner too, so that both report the same unrounded statistics.
@@ -174,6 +174,21 @@ def test_trial_trains_like_mmengine_runner(
     recorder, _, records = train_both(tmp_path, synthetic_data, model)
     assert_same_losses(model, recorder.records, records)
     assert_same_validations(recorder.validations, records)
+
+
+@pytest.mark.slow
+def test_gradient_accumulation_trains_like_mmengine_runner(
+    tmp_path: Path, synthetic_data: dict
+) -> None:
+    """accumulative_counts 2 under the iteration-based warm-up: mmengine's OptimWrapper steps
+    every second iteration while ParamSchedulerHook moves the LR after every one; the session
+    does the same (Determined averages the two batches' gradients where mmengine halves each
+    loss: equal up to rounding)."""
+    accumulate = "optim_wrapper = dict(accumulative_counts=2)\n"
+    recorder, _, records = train_both(tmp_path, synthetic_data, "retinanet", accumulate)
+    assert_same_losses("retinanet, accumulation 2", recorder.records, records)
+    lrs = [r["lr"] for r in recorder.records]
+    assert lrs[0] < lrs[1] < lrs[2]  # the LR moves every iteration, not every optimizer step
 
 
 # An EMA that lags (gamma 4 instead of RTMDet's 2000) and a pipeline switch after the first epoch

@@ -12,11 +12,9 @@ import logging
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from utils.errors import AnnotationError
+
 logger = logging.getLogger(__name__)
-
-
-class AnnotationError(ValueError):
-    """An annotation file mmdet cannot train from, naming the file, the entry and the fix."""
 
 
 @dataclass

@@ -1,29 +1,36 @@
-"""Pre-submission check of an experiment YAML, without a cluster and without the data.
+"""Pre-submission check of an experiment YAML, on this machine, without a cluster.
 
-Resolves the mmdet config with every override, builds the model on the CPU (no weights), checks
-the hyperparameters the trial reads and the data section, and summarises what would run.
+It plans the run as the session does (`utils.plan.plan_run`: the resolved mmdet config, hook plan
+and batch split), builds the model on the CPU (no weights), and checks what a Determined 0.38.1
+master would reject in the searcher, hyperparameters and resources (`utils.expconf_rules`), the
+keys the trial reads (`utils.keys`), the hyperparameters' values, that the config files are in
+the uploaded context (`utils.context`), and what the first validation would fail on
+(`utils.preflight`). Data on this machine is read as the trial would read it
+(`utils.check_data`): classes, image counts, the `Schedule` and the bad-data checks; data
+elsewhere is named with the checks that could not be made.
 """
 
 from __future__ import annotations
 
 from typing import Any
 
-from mmdet.registry import DATASETS, MODELS
-from mmdet.utils import register_all_modules
+from mmdet.registry import MODELS
 
-from utils.config import (
-    KNOWN_HPARAMS,
-    ConfigError,
-    build_config,
-    resolve_config_path,
-    unfollowed_intervals,
-)
-from utils.config import training_length as config_training_length
-from utils.datasource import DataError, base_dataset
+from utils.check_data import UNCHECKED, DataReport, locate_data, read_data
+from utils.config import KNOWN_HPARAMS, resolve_config_path, unfollowed_intervals
+from utils.config_tree import base_dataset
+from utils.context import context_problem
+from utils.errors import USER_ERRORS, ConfigError, TrackingError
 from utils.evaluation import coco_backend
-from utils.experiment import ExperimentError, local_hparams, training_length
-from utils.hooks import plan_hooks, yolox_switch_epoch
-from utils.tracking import TrackingError, mlflow_settings, redact
+from utils.evaluators import evaluator_configs
+from utils.expconf_rules import hyperparameters_problems, submission_problems
+from utils.experiment import local_hparams
+from utils.hooks import yolox_switch_epoch
+from utils.keys import data_key_problems, hyperparameter_key_problems, known_part
+from utils.plan import RunPlan, plan_run
+from utils.preflight import evaluation_problems
+from utils.schedule import by_epoch, config_length
+from utils.tracking import mlflow_settings, redact
 from utils.visualize import visualization_settings
 
 NUMERIC = ("lr", "weight_decay", "momentum")
@@ -46,12 +53,11 @@ def candidates(spec: Any) -> list[Any]:
 
 
 def hparam_problems(specs: dict[str, Any], slots: int) -> list[str]:
-    """Unknown names, wrong types, config files that do not resolve, batches that do not split."""
+    """Wrong types, config files that do not resolve or would not be uploaded, batches that do
+    not split (names the trial does not read are `utils.keys`' to report)."""
     problems = []
     for name, spec in specs.items():
         if name not in KNOWN_HPARAMS:
-            known = ", ".join(KNOWN_HPARAMS)
-            problems.append(f"hyperparameters.{name} is not read by the trial; known: {known}.")
             continue
         for value in candidates(spec):
             if name in ("config_file", "merge_config"):
@@ -59,9 +65,14 @@ def hparam_problems(specs: dict[str, Any], slots: int) -> list[str]:
                     problems.append(f"hyperparameters.{name} must be a config path, not {value!r}.")
                     continue
                 try:
-                    resolve_config_path(value)
+                    path = resolve_config_path(value, name)
                 except ConfigError as err:
                     problems.append(str(err))
+                    continue
+                if not value.startswith("mmdet::") and (
+                    problem := context_problem(name, value, path)
+                ):
+                    problems.append(problem)
             elif name == "global_batch_size":
                 if not isinstance(value, int) or isinstance(value, bool) or value < 1:
                     problems.append(
@@ -97,57 +108,70 @@ def hparam_problems(specs: dict[str, Any], slots: int) -> list[str]:
     return problems
 
 
+def processes(exp: dict[str, Any]) -> int:
+    """The processes sharing each global batch: `resources.slots_per_trial`, at least one (a
+    trial of 0 slots runs one process; a wrong value is `expconf_rules`' to report)."""
+    resources = exp.get("resources")
+    slots = resources.get("slots_per_trial", 1) if isinstance(resources, dict) else 1
+    valid = isinstance(slots, int) and not isinstance(slots, bool) and slots >= 1
+    return slots if valid else 1
+
+
 def check_experiment(exp: dict[str, Any]) -> tuple[list[str], list[str]]:
     """Returns the summary lines and the problems found (none means ready to submit)."""
     specs = exp.get("hyperparameters") or {}
     data = exp.get("data") or {}
-    slots = (exp.get("resources") or {}).get("slots_per_trial", 1)
     searcher = exp.get("searcher") or {}
-    problems = hparam_problems(specs, slots)
+    slots = processes(exp)
+    problems = submission_problems(exp)  # a searcher that is not a mapping among them
+    searcher = searcher if isinstance(searcher, dict) else {}
+    if not isinstance(data, dict):
+        return [], [*problems, f"data is {data!r}: write a mapping with a backend and its keys."]
+    problems += hyperparameter_key_problems(specs) + data_key_problems(data)
+    if not isinstance(specs, dict) or hyperparameters_problems(specs):
+        return [], problems  # no values to plan with (the problems say why)
+    problems += hparam_problems(specs, slots)
     try:
         tracking = mlflow_settings(exp)
     except TrackingError as err:
         tracking = None
         problems.append(str(err))
+    place = locate_data(exp)
+    if place.problem:
+        problems.append(place.problem)
     try:
-        length = training_length(searcher)
-        cfg = build_config(local_hparams(specs), data, slots, verify_paths=False)
-        hooks = plan_hooks(cfg)
-        register_all_modules(init_default_scope=True)
-        model = MODELS.build(cfg.model)
-    except (ConfigError, DataError, ExperimentError) as err:
+        hparams, known_data = known_part(local_hparams(specs), data)
+        plan = plan_run(
+            hparams, known_data, world_size=slots, searcher=searcher, verify_paths=place.here
+        )
+        model = MODELS.build(plan.cfg.model)
+        report = read_data(plan) if place.here else None
+    except USER_ERRORS as err:
         # The same problem may be caught by both checks: report it once.
         return [], list(dict.fromkeys([*problems, str(err)]))
     except Exception as err:  # any build error of mmdet is a problem to report, not a crash
-        return [], [*problems, f"building the model failed: {type(err).__name__}: {err}"]
+        return [], [*problems, f"building the run failed: {type(err).__name__}: {err}"]
+    problems += evaluation_problems(plan.cfg, model)  # what the first validation would fail on
+    if report is not None:
+        problems += report.problems
 
-    dataset = base_dataset(cfg.train_dataloader.dataset)
-    classes = (dataset.get("metainfo") or {}).get("classes") or DATASETS.get(dataset.type).METAINFO[
-        "classes"
-    ]
-    value, unit = length or config_training_length(cfg)
-    images = (
-        (data.get("synthetic") or {}).get("num_train")
-        if data.get("backend") == "synthetic"
-        else None
-    )
-    global_batch = cfg.train_dataloader.batch_size * slots
-    if unit == "epochs" and images:
-        length_text = f"{value} epochs = {value * -(-images // global_batch)} batches"
-    elif unit == "epochs":
-        length_text = f"{value} epochs (batches per epoch: training images / {global_batch})"
-    else:
-        length_text = f"{value} batches"
-    evaluators = cfg.val_evaluator if isinstance(cfg.val_evaluator, list) else [cfg.val_evaluator]
+    cfg, hooks = plan.cfg, plan.hooks
+    evaluators = evaluator_configs(cfg.val_evaluator)
     optimizer = cfg.optim_wrapper.optimizer
     parameters = sum(p.numel() for p in model.parameters()) / 1e6
+    global_batch = plan.global_batch
     summary = [
         f"model: {cfg.model.type}, {parameters:.1f} M parameters",
-        f"classes: {len(classes)} ({', '.join(classes[:5])}{', ...' if len(classes) > 5 else ''})",
+        classes_line(plan, data, report),
         f"metrics: {', '.join(str(m) for e in evaluators for m in _as_list(e.get('metric')))}",
         f"batch: {global_batch} = {slots} slots x {cfg.train_dataloader.batch_size} per slot",
-        f"training length: {length_text}" + ("" if length else " (from the config's train_cfg)"),
-        f"data: {data.get('backend', 'disk')} {data.get('root', '')}".rstrip(),
+        length_line(plan, report),
+        data_line(plan, data, report),
+    ]
+    if report is None:
+        why = place.elsewhere or "the data is not on this machine"
+        summary.append(f"not checked here ({why}): {UNCHECKED}")
+    summary += [
         f"searcher: {searcher.get('name')}, metric {searcher.get('metric')} "
         f"({'smaller' if searcher.get('smaller_is_better', True) else 'larger'} is better)"
         + "".join(f", {key} {searcher[key]}" for key in SEARCHER_KEYS if key in searcher),
@@ -160,11 +184,13 @@ def check_experiment(exp: dict[str, Any]) -> tuple[list[str], list[str]]:
     note = unfollowed_intervals(cfg)
     if note:
         summary.append(f"note: {note}")
+    value, unit = plan.length or config_length(cfg)
     if hooks.yolox is not None:
         last, skipped = hooks.yolox
+        epochs = report.schedule.max_epochs if report else value if unit == "epochs" else None
         start = (
-            f"from epoch {yolox_switch_epoch(last, value) + 1} of {value}"
-            if unit == "epochs"
+            f"from epoch {yolox_switch_epoch(last, epochs) + 1} of {epochs}"
+            if epochs
             else f"for the last {last} epochs"
         )
         summary.append(
@@ -182,6 +208,69 @@ def check_experiment(exp: dict[str, Any]) -> tuple[list[str], list[str]]:
     if searched:
         summary.append(f"searched (a local run uses one value): {', '.join(searched)}")
     return summary, problems
+
+
+def classes_line(plan: RunPlan, data: dict[str, Any], report: DataReport | None) -> str:
+    """The classes the run trains: read from the data here, else what is known without it."""
+    given = data.get("classes")
+    if report is not None:
+        source = (
+            "data.classes"
+            if given
+            else "the generated data"
+            if data.get("backend") == "synthetic"
+            else "the VOC config"
+            if data.get("format") == "voc"
+            else "the annotation file's categories"
+        )
+        return f"classes: {_names(report.classes)}, from {source}"
+    if data.get("format") == "voc":  # VOC's classes come from the config, not from files
+        metainfo = base_dataset(plan.cfg.train_dataloader.dataset).get("metainfo") or {}
+        return f"classes: {_names(tuple(metainfo.get('classes') or ()))}"
+    if given:
+        return f"classes: {_names(tuple(given))}, from data.classes (not checked against the data)"
+    return "classes: the annotation file's categories (not read here)"
+
+
+def length_line(plan: RunPlan, report: DataReport | None) -> str:
+    """How long the run trains and how often it validates."""
+    value, unit = plan.length or config_length(plan.cfg)
+    origin = "" if plan.length else " (from the config's train_cfg)"
+    if report is not None:
+        schedule = report.schedule
+        epochs = f"{value} epochs = " if unit == "epochs" else ""
+        return (
+            f"training length: {epochs}{schedule.max_batches} batches ({schedule.epoch_length} "
+            f"per epoch of {report.train_images} images / {plan.global_batch}), validation "
+            f"every {schedule.validation_period} batches{origin}"
+        )
+    interval = (plan.cfg.get("train_cfg") or {}).get("val_interval", 1)
+    if by_epoch(plan.cfg):
+        every = "epoch" if interval == 1 else f"{interval} epochs"
+    else:
+        every = "batch" if interval == 1 else f"{interval} batches"
+    if unit == "epochs":
+        return (
+            f"training length: {value} epochs (batches per epoch: training images / "
+            f"{plan.global_batch}), validation every {every}{origin}"
+        )
+    return f"training length: {value} batches, validation every {every}{origin}"
+
+
+def data_line(plan: RunPlan, data: dict[str, Any], report: DataReport | None) -> str:
+    backend = data.get("backend", "disk")
+    root = base_dataset(plan.cfg.train_dataloader.dataset).get("data_root", "")
+    line = f"data: {backend}{' ' + data['format'] if data.get('format') else ''} {root}".rstrip()
+    if report is not None:
+        line += (
+            f": {report.train_images} training images (after mmdet's filtering), "
+            f"{report.val_images} validation images"
+        )
+    return line
+
+
+def _names(classes: tuple[str, ...]) -> str:
+    return f"{len(classes)} ({', '.join(classes[:5])}{', ...' if len(classes) > 5 else ''})"
 
 
 def _is_searched(spec: Any) -> bool:

@@ -15,6 +15,8 @@ from typing import Any
 from mmengine.config import Config, ConfigDict
 
 from utils.datasource import apply_data_section
+from utils.errors import ConfigError
+from utils.schedule import accumulation, by_epoch
 
 logger = logging.getLogger(__name__)
 REPO_ROOT = Path(__file__).resolve().parent.parent
@@ -34,12 +36,11 @@ KNOWN_HPARAMS = (
 )
 
 
-class ConfigError(ValueError):
-    """A problem in the trial's hyperparameters or config files, with what to do about it."""
+def resolve_config_path(name: str, key: str = "config_file") -> Path:
+    """Find `mmdet::group/file.py` in the installed mmdet, else a path (relative to cwd or repo).
 
-
-def resolve_config_path(name: str) -> Path:
-    """Find `mmdet::group/file.py` in the installed mmdet, else a path (relative to cwd or repo)."""
+    `key`: the hyperparameter that names it (`config_file` or `merge_config`), for the error.
+    """
     if name.startswith("mmdet::"):
         spec = importlib.util.find_spec("mmdet")
         path = Path(spec.origin).parent / ".mim" / "configs" / name.removeprefix("mmdet::")
@@ -50,9 +51,7 @@ def resolve_config_path(name: str) -> Path:
             path = REPO_ROOT / name
         hint = "a file under configs/ or an mmdet:: config"
     if not path.is_file():
-        raise ConfigError(
-            f"hyperparameters.config_file: config {name!r} not found ({path}); use {hint}."
-        )
+        raise ConfigError(f"hyperparameters.{key}: config {name!r} not found ({path}); use {hint}.")
     return path
 
 
@@ -62,7 +61,7 @@ def load_config(hparams: dict[str, Any]) -> Config:
         raise ConfigError("hyperparameters.config_file is missing: name an mmdet config to train.")
     cfg = Config.fromfile(resolve_config_path(hparams["config_file"]))
     if hparams.get("merge_config"):
-        extra = Config.fromfile(resolve_config_path(hparams["merge_config"]))
+        extra = Config.fromfile(resolve_config_path(hparams["merge_config"], "merge_config"))
         cfg.merge_from_dict(extra.to_dict(), allow_list_keys=True)
     return cfg
 
@@ -74,10 +73,7 @@ def accumulative_counts(hparams: dict[str, Any]) -> int:
     """
     cfg = load_config(hparams)
     apply_overrides(cfg, hparams.get("override_mmdet_config") or {})
-    counts = cfg.optim_wrapper.get("accumulative_counts", 1)
-    if not isinstance(counts, int) or counts < 1:
-        raise ConfigError(f"optim_wrapper.accumulative_counts is {counts!r}: use an int >= 1.")
-    return counts
+    return accumulation(cfg)
 
 
 def build_config(
@@ -182,19 +178,6 @@ def apply_overrides(cfg: Config, overrides: dict[str, Any]) -> None:
         parent[leaf] = ConfigDict(value) if isinstance(value, dict) else value
 
 
-def training_length(cfg: Config) -> tuple[int, str]:
-    """The config's `train_cfg` length: `(max_epochs, "epochs")` or `(max_iters, "batches")`."""
-    train_cfg = cfg.get("train_cfg") or {}
-    if "max_epochs" in train_cfg:
-        return int(train_cfg.max_epochs), "epochs"
-    if "max_iters" in train_cfg:
-        return int(train_cfg.max_iters), "batches"
-    raise ConfigError(
-        "The config's train_cfg names no max_epochs or max_iters, and the experiment's searcher no "
-        "max_time: set one of them."
-    )
-
-
 def unfollowed_intervals(cfg: Config) -> str | None:
     """What to tell a user whose `train_cfg.dynamic_intervals` the fixed validation period
     (Determined's `validation_period`, from `val_interval`) cannot follow; None if nothing."""
@@ -202,11 +185,7 @@ def unfollowed_intervals(cfg: Config) -> str | None:
     intervals = train_cfg.get("dynamic_intervals")
     if not intervals:
         return None
-    unit = (
-        "epochs"
-        if train_cfg.get("type", "EpochBasedTrainLoop") == "EpochBasedTrainLoop"
-        else "batches"
-    )
+    unit = "epochs" if by_epoch(cfg) else "batches"
     return (
         f"train_cfg.dynamic_intervals {list(intervals)} is not followed: validation runs every "
         f"{train_cfg.get('val_interval', 1)} {unit} (train_cfg.val_interval) throughout; lower "

@@ -10,6 +10,8 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset, Sampler, get_worker_info
 
+from utils.errors import ImageError
+
 
 class GroupedBatchSampler(Sampler[list[tuple[int, int]]]):
     """Shuffled global batches of images with the same orientation, cut into per-rank slices.
@@ -26,25 +28,38 @@ class GroupedBatchSampler(Sampler[list[tuple[int, int]]]):
         batch_size: images per rank and step.
         seed: the run's seed.
         num_replicas: ranks sharing each global batch.
-        skip: slices of the repeated stream to skip first, for resumes the engine does not skip.
+        rank: the rank whose slices to yield; None: every rank's, in turn (for an engine that
+            deals them to ranks round-robin, as Determined does).
+        skip: slices of the yielded stream to skip first, for resumes the engine does not skip.
     """
 
     def __init__(
-        self, dataset: Dataset, batch_size: int, seed: int, num_replicas: int = 1, skip: int = 0
+        self,
+        dataset: Dataset,
+        batch_size: int,
+        seed: int,
+        num_replicas: int = 1,
+        skip: int = 0,
+        rank: int | None = None,
     ) -> None:
+        if rank is not None and not 0 <= rank < num_replicas:
+            raise ValueError(f"rank {rank} is not in [0, {num_replicas}).")
         self.batch_size = batch_size
         self.num_replicas = num_replicas
+        self.rank = rank
         self.seed = seed
         infos = [dataset.get_data_info(i) for i in range(len(dataset))]
         self.portrait = np.array([info["height"] > info["width"] for info in infos])
         self.passes, self.skip = divmod(skip, len(self))
 
     def __len__(self) -> int:
-        global_batch = self.batch_size * self.num_replicas
-        return -(-len(self.portrait) // global_batch) * self.num_replicas
+        global_batches = -(-len(self.portrait) // (self.batch_size * self.num_replicas))
+        return global_batches * (self.num_replicas if self.rank is None else 1)
 
     def __iter__(self) -> Iterator[list[tuple[int, int]]]:
         slices = self.slices_of_pass(self.passes)
+        if self.rank is not None:
+            slices = slices[self.rank :: self.num_replicas]
         self.passes += 1
         skip, self.skip = self.skip, 0
         yield from slices[skip:]
@@ -142,8 +157,18 @@ class LoudDataset(Dataset):
             ) from err
 
 
-class ImageError(RuntimeError):
-    """A training or validation image that cannot be loaded, named with what to do."""
+class RankSlice(Dataset):
+    """Every `num_replicas`-th sample of `dataset`, from `rank` (a rank's validation share)."""
+
+    def __init__(self, dataset: Dataset, rank: int, num_replicas: int) -> None:
+        self.dataset = dataset
+        self.indices = range(rank, len(dataset), num_replicas)
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+    def __getitem__(self, index: int) -> Any:
+        return self.dataset[self.indices[index]]
 
 
 class LoaderSeedDraws:

@@ -19,14 +19,10 @@ import torch
 from mmengine.config import Config
 from mmengine.registry import METRICS
 
-from utils.coco_metric import (
-    BACKENDS,
-    DEFAULT_BACKEND,
-    STAT_NAMES,
-    BackendCocoMetric,
-    encode_masks,
-)
+from utils.coco_metric import BACKENDS, DEFAULT_BACKEND, STAT_NAMES, BackendCocoMetric
 from utils.config import ConfigError
+from utils.evaluators import evaluator_configs
+from utils.mask_rle import encode_masks
 
 logger = logging.getLogger(__name__)
 
@@ -54,11 +50,8 @@ class CocoEvaluator:
     def __init__(self, cfg: Config, backend: str | None = None) -> None:
         """`backend`: the COCO engine of CocoMetrics (`BACKENDS`); None: the default."""
         self.backend = coco_backend(backend)
-        evaluator_cfgs = cfg.val_evaluator
-        if not isinstance(evaluator_cfgs, (list, tuple)):
-            evaluator_cfgs = [evaluator_cfgs]
         self.metrics = []
-        for metric_cfg in evaluator_cfgs:
+        for metric_cfg in evaluator_configs(cfg.val_evaluator):
             metric_cfg = copy.deepcopy(metric_cfg)
             if metric_cfg.type not in ("CocoMetric", "mmdet.CocoMetric"):
                 self.metrics.append(METRICS.build(metric_cfg))

@@ -13,11 +13,10 @@ from typing import Any
 
 import yaml
 
+from utils.errors import ExperimentError
+from utils.expconf_rules import hyperparameters_problems
+
 logger = logging.getLogger(__name__)
-
-
-class ExperimentError(ValueError):
-    """A problem in an experiment YAML or in a `--set` override, with what to do about it."""
 
 
 def load_experiment(path: str | Path, overrides: list[str] = ()) -> dict[str, Any]:
@@ -30,15 +29,34 @@ def load_experiment(path: str | Path, overrides: list[str] = ()) -> dict[str, An
     try:
         config = yaml.safe_load(path.read_text())
     except yaml.YAMLError as err:
-        raise ExperimentError(f"Experiment file {path} is not valid YAML: {err}") from err
+        raise ExperimentError(
+            f"Experiment file {path} is not valid YAML{yaml_error_place(err)}: fix it there."
+        ) from err
     if not isinstance(config, dict):
         raise ExperimentError(f"Experiment file {path} must hold a mapping at the top level.")
     for item in overrides:
         key, sep, value = item.partition("=")
-        if not sep or not key:
+        if not sep or not key or "" in key.split("."):
             raise ExperimentError(f"--set {item!r}: write it as dotted.key=value.")
-        set_dotted(config, key, yaml.safe_load(value), source=f"--set {item!r}")
+        try:
+            parsed = yaml.safe_load(value)
+        except yaml.YAMLError as err:
+            raise ExperimentError(
+                f"--set {item!r}: the value is not valid YAML{yaml_error_place(err)}; quote it or "
+                "fix its syntax."
+            ) from err
+        set_dotted(config, key, parsed, source=f"--set {item!r}")
     return config
+
+
+def yaml_error_place(err: yaml.YAMLError) -> str:
+    """Where a YAML error is and what it is: ` (line 4, column 7: mapping values are not allowed
+    here)`, lines and columns counted from 1."""
+    mark = getattr(err, "problem_mark", None)
+    problem = getattr(err, "problem", None) or str(err).splitlines()[0]
+    if mark is None:
+        return f" ({problem})"
+    return f" (line {mark.line + 1}, column {mark.column + 1}: {problem})"
 
 
 def set_dotted(tree: dict[str, Any], key: str, value: Any, source: str) -> None:
@@ -55,7 +73,13 @@ def set_dotted(tree: dict[str, Any], key: str, value: Any, source: str) -> None:
 
 
 def local_hparams(hyperparameters: dict[str, Any]) -> dict[str, Any]:
-    """Resolve Determined hyperparameter specs to the single values a local run uses."""
+    """Resolve Determined hyperparameter specs to the single values a local run uses.
+
+    Specs that a Determined master would reject fail here too, each named.
+    """
+    problems = hyperparameters_problems(hyperparameters)
+    if problems:
+        raise ExperimentError(" ".join(problems))
     resolved = {}
     for name, spec in hyperparameters.items():
         resolved[name] = _resolve(name, spec)
@@ -71,6 +95,8 @@ def _resolve(name: str, spec: Any) -> Any:
     if kind == "const":
         return copy.deepcopy(spec["val"])
     if kind == "categorical":
+        if not spec["vals"]:
+            raise ExperimentError(f"hyperparameters.{name}: categorical vals is empty; list them.")
         value = spec["vals"][0]
     elif kind in ("int", "double"):
         value = (spec["minval"] + spec["maxval"]) / 2

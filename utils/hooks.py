@@ -25,8 +25,10 @@ from mmdet.engine.hooks import SyncNormHook
 from mmdet.registry import TRANSFORMS
 from mmengine.logging import MessageHub
 from mmengine.registry import HOOKS
+from mmengine.utils.dl_utils import set_multi_processing
 
-from utils.config import ConfigError
+from utils.errors import ConfigError
+from utils.schedule import Schedule
 
 SUPPORTED = (
     "EMAHook",
@@ -84,6 +86,17 @@ def plan_hooks(cfg: Any) -> HookPlan:
     return plan
 
 
+def runner_environment(cfg: Any, distributed: bool) -> None:
+    """What mmengine's Runner sets from `env_cfg` before training, with mmengine's own function:
+    cuDNN autotuning if asked, the loader workers' start method, OpenCV's threads (mmdet's 0: no
+    thread pool in each loader worker) and, when distributed, one OpenMP and MKL thread per
+    process unless the environment says otherwise."""
+    env_cfg = cfg.get("env_cfg") or {}
+    if env_cfg.get("cudnn_benchmark"):
+        torch.backends.cudnn.benchmark = True
+    set_multi_processing(**(env_cfg.get("mp_cfg") or {}), distributed=distributed)
+
+
 def publish_runtime_info(iteration: int, epoch: int, max_iters: int, max_epochs: int) -> None:
     """The loop's position in mmengine's MessageHub, as RuntimeInfoHook sets it before an
     iteration (`iteration` and `epoch` count from 0)."""
@@ -116,20 +129,20 @@ class EmaWeights:
     Args:
         hook_cfg: the EMAHook's config (`ema_type`, `momentum`, `begin_iter`, ...).
         model: the bare detector (not a DistributedDataParallel wrapper).
-        max_batches: batches the run trains; `epoch_length`: batches per epoch.
+        schedule: the run's `utils.schedule.Schedule`.
     """
 
     def __init__(
-        self, hook_cfg: dict[str, Any], model: torch.nn.Module, max_batches: int, epoch_length: int
+        self, hook_cfg: dict[str, Any], model: torch.nn.Module, schedule: Schedule
     ) -> None:
-        self.epoch_length = epoch_length
+        self.schedule = schedule
         # What the hook reads of a runner: the model, the loop's position and its length.
         self.view = SimpleNamespace(
             model=model,
             iter=0,
             epoch=0,
-            max_iters=max_batches,
-            max_epochs=-(-max_batches // epoch_length),
+            max_iters=schedule.max_batches,
+            max_epochs=schedule.max_epochs,
         )
         hook_cfg = {k: v for k, v in hook_cfg.items() if k != "priority"}  # the Runner's key
         try:
@@ -143,7 +156,7 @@ class EmaWeights:
     def after_batch(self, batch_index: int) -> None:
         """After the optimizer (or accumulation) step of `batch_index`, counted from 0."""
         self.view.iter = batch_index
-        self.view.epoch = batch_index // self.epoch_length
+        self.view.epoch = self.schedule.epoch_of(batch_index)
         self.hook.after_train_iter(self.view, batch_index)
 
     def swap_in(self) -> None:

@@ -11,14 +11,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from utils.annotations import check_coco_file
+from utils.errors import PredictError
 
 logger = logging.getLogger(__name__)
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp")
-
-
-class PredictError(ValueError):
-    """Bad input to the predict command, naming the path and what to do."""
 
 
 @dataclass

@@ -11,7 +11,6 @@ instead, and the summary and `images.json` list them.
 
 from __future__ import annotations
 
-import argparse
 import json
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -30,8 +29,9 @@ from tqdm import tqdm
 
 from utils.coco_metric import encode_masks
 from utils.evaluation import CocoEvaluator
+from utils.evaluators import evaluator_configs
 from utils.export import CONFIG_FILE, EXPORT_DIR, MODEL_FILE
-from utils.inputs import Inputs, PredictError, category_ids, collect_inputs
+from utils.inputs import Inputs, PredictError, category_ids
 from utils.visualize import draw_sample
 
 
@@ -146,8 +146,7 @@ def coco_results(sample: Any, cat_ids: list[int]) -> tuple[list[dict], list[dict
 
 def coco_evaluator(cfg: Config, ann_file: Path, with_mask: bool, meta: dict) -> CocoEvaluator:
     """The config's CocoMetric settings (as the trial validates) on `ann_file`."""
-    metrics = cfg.get("val_evaluator") or []
-    metrics = [m for m in (metrics if isinstance(metrics, list) else [metrics])]
+    metrics = evaluator_configs(cfg.get("val_evaluator"))
     coco = [m for m in metrics if m.get("type") in ("CocoMetric", "mmdet.CocoMetric")]
     metric = ConfigDict(coco[0]) if coco else ConfigDict(type="CocoMetric")
     metric.update(ann_file=str(ann_file), metric=["bbox", "segm"] if with_mask else "bbox")
@@ -240,62 +239,3 @@ def predict(
 def write_json(path: Path, data: Any) -> Path:
     path.write_text(json.dumps(data))
     return path
-
-
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    """The `predict` command's arguments."""
-    parser.add_argument(
-        "checkpoint",
-        help="checkpoint folder (Determined, with mmdet/ inside, or an export folder) or a "
-        "Determined checkpoint UUID",
-    )
-    parser.add_argument(
-        "inputs", nargs="+", metavar="INPUT", help="image files, folders, or a COCO annotation file"
-    )
-    parser.add_argument("--out", required=True, help="output folder")
-    parser.add_argument("--batch-size", type=int, default=1, help="images per forward pass")
-    parser.add_argument(
-        "--score-thr", type=float, default=0.3, help="draw predictions above it (default 0.3)"
-    )
-    parser.add_argument("--device", help="e.g. cuda:0 or cpu (default: CUDA when available)")
-    parser.add_argument(
-        "--image-root",
-        help="folder the annotation file's file_names are relative to (default: its folder)",
-    )
-    parser.add_argument(
-        "--skip-bad-images",
-        action="store_true",
-        help="skip images that do not decode (counted and listed) instead of stopping",
-    )
-    parser.add_argument(
-        "--max-rendered", type=int, metavar="N", help="draw the first N images only (default: all)"
-    )
-
-
-def run(args: argparse.Namespace) -> dict[str, Any]:
-    """The `predict` command: predicts, writes the outputs, prints a summary and COCO metrics."""
-    if args.batch_size < 1:
-        raise PredictError(f"--batch-size {args.batch_size}: use 1 or more.")
-    export_dir = find_export(args.checkpoint)
-    inputs = collect_inputs(args.inputs, args.image_root)
-    summary = predict(
-        export_dir,
-        inputs,
-        Path(args.out),
-        args.batch_size,
-        args.score_thr,
-        args.device,
-        args.skip_bad_images,
-        args.max_rendered,
-    )
-    print(f"Predicted {summary['images']} images: {summary['detections']} detections.")
-    if summary["skipped"]:
-        print(f"Skipped {len(summary['skipped'])} images that do not decode:")
-        for path in summary["skipped"]:
-            print(f"  {path}")
-    if summary["metrics"]:
-        print(f"COCO evaluation on {inputs.ann_file}:")
-        for name, value in summary["metrics"].items():
-            print(f"  {name:<18} {value:.3f}")
-    print("Wrote " + ", ".join(summary["files"]) + f" and {Path(args.out) / 'images'}/.")
-    return summary

@@ -31,6 +31,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from utils.errors import TrackingError
+
 logger = logging.getLogger(__name__)
 
 SECTION_KEYS = ("tracking_uri", "experiment_name", "tags")
@@ -45,10 +47,6 @@ MAX_NAME = 250
 _URI_USERINFO = re.compile(r"(\b[a-zA-Z][\w+.-]*://)[^/@\s]+@")
 _QUERY_ITEM = re.compile(r"([?&;])([^=&;#\s]+)=([^&;#\s]*)")
 _NOT_IN_NAME = re.compile(r"[^\w\-. /:]")
-
-
-class TrackingError(ValueError):
-    """A problem with the `data.mlflow` section or the tracking server, with what to do."""
 
 
 @dataclass

@@ -12,34 +12,25 @@ import fcntl
 import hashlib
 import logging
 import os
-import pickle
 import re
 import tempfile
 import urllib.error
 import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 from urllib.parse import unquote, urlsplit
 
-import numpy as np
 import torch
-from mmengine.config import ConfigDict
-from mmengine.logging import HistoryBuffer
+
+from utils.errors import WeightsError
+from utils.files import CACHE_ROOT, safe_load, strip_module_prefix
 
 logger = logging.getLogger(__name__)
-# Same root as utils.config.DEFAULT_CACHE (not imported, like utils.gcs, to avoid import cycles).
-DEFAULT_CACHE = (
-    Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "mmdet-determined" / "weights"
-)
+DEFAULT_CACHE = CACHE_ROOT / "weights"
 LOCK_NAME = ".download.lock"
 TIMEOUT = 60.0  # seconds per socket operation
 HASH_SUFFIX = re.compile(r"-([0-9a-f]{8,})\.pth?$")  # as torch hub / mmengine: sha256 prefix
 SHOWN = 5  # key names listed in a log line
-
-
-class WeightsError(RuntimeError):
-    """Pretrained weights could not be fetched or read; the message names the file or URL."""
 
 
 @dataclass(frozen=True)
@@ -51,28 +42,6 @@ class LoadReport:
     skipped_shape: int
     missing: int
     unexpected: int
-
-
-def _history_buffer_method(owner: Any, name: str) -> Any:
-    """Stands in for `builtins.getattr`, with which HistoryBuffer pickles its statistic methods:
-    the real one would let a malicious pickle reach any attribute (e.g. `__globals__`)."""
-    if owner is not HistoryBuffer or name.startswith("_"):
-        raise pickle.UnpicklingError(f"getattr({owner!r}, {name!r}) is not allowed")
-    return getattr(HistoryBuffer, name, None)
-
-
-def _safe_globals() -> list[Any]:
-    """What mmengine checkpoints hold besides tensors, less what is allowed already: leaving the
-    context manager removes what it added, and must not take away a process-wide allowance
-    (model_def.py makes one for Determined's checkpoints)."""
-    core = np._core.multiarray
-    allowed: list[Any] = [np.ndarray, np.dtype, ConfigDict, HistoryBuffer]
-    allowed += [getattr(np.dtypes, name) for name in np.dtypes.__all__]
-    allowed.append((_history_buffer_method, "builtins.getattr"))
-    for mod in ("numpy._core.multiarray", "numpy.core.multiarray"):  # numpy 2 and 1 files
-        allowed += [(core._reconstruct, f"{mod}._reconstruct"), (core.scalar, f"{mod}.scalar")]
-    already = set(torch.serialization.get_safe_globals())
-    return [item for item in allowed if item not in already]
 
 
 def _download(url: str, cache_dir: Path) -> Path:
@@ -169,8 +138,7 @@ def read_state_dict(path: Path) -> dict[str, torch.Tensor]:
     if path.stat().st_size == 0:
         raise WeightsError(f"{path} is empty, not a PyTorch checkpoint")
     try:
-        with torch.serialization.safe_globals(_safe_globals()):
-            obj = torch.load(path, map_location="cpu", weights_only=True)
+        obj = safe_load(path)
     except OSError:
         raise
     except Exception as exc:  # what a wrong file raises varies with its bytes
@@ -181,9 +149,7 @@ def read_state_dict(path: Path) -> dict[str, torch.Tensor]:
     if not tensors:
         what = f"keys {list(obj)[:SHOWN]}" if isinstance(obj, dict) else f"a {type(obj).__name__}"
         raise WeightsError(f"{path} holds no weights: neither 'state_dict' nor tensors in {what}")
-    if all(key.startswith("module.") for key in tensors):  # saved from a DDP-wrapped model
-        tensors = {key.removeprefix("module."): value for key, value in tensors.items()}
-    return tensors
+    return strip_module_prefix(tensors)
 
 
 def load_weights(model: torch.nn.Module, source: str, cache_dir: Path | None = None) -> LoadReport:
