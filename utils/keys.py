@@ -8,13 +8,13 @@ silently train every class of the annotation file.
 from __future__ import annotations
 
 import dataclasses
-import difflib
 from typing import Any
 
 from utils.config import KNOWN_HPARAMS
 from utils.datasource import DISK_DEFAULTS
 from utils.errors import ConfigError, DataError, ExperimentError
 from utils.expconf_rules import section_problems
+from utils.expconf_values import close_match
 from utils.synthetic import SyntheticSpec
 from utils.voc import VOC_SPLIT_DEFAULTS
 
@@ -55,10 +55,10 @@ def unknown_key_problems(
     for key in section:
         if key in known:
             continue
-        close = difflib.get_close_matches(str(key), known, n=1)
+        close = close_match(key, known)  # "; did you mean X?", or ""
         problems.append(
             f"{where}.{key} is not {what}"
-            + (f"; did you mean {close[0]}?" if close else ".")
+            + (close or ".")
             + (f" Known: {', '.join(known)}." if listing or not close else "")
         )
     return problems
