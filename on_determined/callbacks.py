@@ -3,10 +3,8 @@ reports to Determined), and `build_callbacks` lists them in the order Determined
 
 from __future__ import annotations
 
-import json
 import logging
 import sys
-import time
 from pathlib import Path
 from typing import Any
 
@@ -16,13 +14,13 @@ from determined import pytorch
 
 from utils import export
 from utils.errors import TrainingStopped
+from utils.report import RunReport
 from utils.session import TrainingSession
 from utils.tracking import MlflowRun, mlflow_settings
+from utils.validation import VALIDATION_FAILURE
 from utils.visualize import render_samples, sample_indices, save_pngs, visualization_settings
 
 logger = logging.getLogger(__name__)
-# A failed validation's only metric (trial.EvaluatorReducer): what failed, in one line.
-VALIDATION_FAILURE = "validation_failure"
 
 
 class ValidationFailed(TrainingStopped):
@@ -269,36 +267,17 @@ class LocalReport(pytorch.PyTorchCallback):
     """Local runs: progress on the console and every reported step in `metrics.jsonl`."""
 
     def __init__(self, path: Path, total: int) -> None:
-        self.path = path
-        self.total = total
-        self.start = time.monotonic()
-        self.first_batch: int | None = None
+        self.report = RunReport(path, total)
         self.batches = 0
-
-    def _write(self, kind: str, metrics: dict[str, Any]) -> None:
-        with self.path.open("a") as stream:
-            record = {"kind": kind, "batches": self.batches, "metrics": metrics}
-            stream.write(json.dumps(record) + "\n")
 
     def on_training_workload_end(
         self, avg_metrics: dict[str, Any], batch_metrics: dict[str, Any]
     ) -> None:
         # Determined adds the trial's batch count to training metrics; validations follow a
         # training workload, so they happen at the same count.
-        self.batches = batches = int(avg_metrics["batches"])
-        self._write("training", avg_metrics)
-        if self.first_batch is None:
-            self.first_batch, self.start = batches, time.monotonic()
-            left = "?"
-        else:
-            rate = (time.monotonic() - self.start) / (batches - self.first_batch)
-            left = f"{rate * (self.total - batches) / 60:.1f} min"
-        print(
-            f"[{batches}/{self.total}] loss {avg_metrics['loss']:.4f} "
-            f"lr {avg_metrics['lr']:.3g} time left {left}",
-            flush=True,
-        )
+        self.batches = int(avg_metrics["batches"])
+        self.report.training(self.batches, avg_metrics)
 
     def on_validation_end(self, metrics: dict[str, Any]) -> None:
         if VALIDATION_FAILURE not in metrics:
-            self._write("validation", metrics)
+            self.report.validation(self.batches, metrics)

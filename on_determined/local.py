@@ -11,20 +11,19 @@ import json
 import os
 import socket
 from pathlib import Path
-from typing import Any
 
 import determined as det
 import torch
 from determined import pytorch
-from mmengine.config import Config
 
 from on_determined.callbacks import CheckpointFirst, ValidationFailed
 from on_determined.trial import MMDetTrial
 from utils import experiment
 from utils.config import accumulative_counts
 from utils.errors import ExperimentError
-from utils.export import CONFIG_FILE, EXPORT_DIR
 from utils.keys import check_experiment_keys
+from utils.report import METRICS_FILE, print_final_validation
+from utils.resumable import check_resumable
 
 
 def local_distributed() -> det.core.DistributedContext | None:
@@ -78,64 +77,6 @@ def resume_point(resume: str, storage: Path) -> tuple[str, int]:
     return folder.name, json.loads((folder / "metadata.json").read_text())["steps_completed"]
 
 
-# Model keys that do not shape the weights: a resumed run may change them.
-NOT_WEIGHTS = ("init_cfg", "pretrained", "train_cfg", "test_cfg", "data_preprocessor")
-UNSET = object()  # a key one of two model configs does not have
-
-
-def model_difference(saved: Any, current: Any, where: str = "model") -> str | None:
-    """The first key where two model configs differ in what shapes the weights (the `type`
-    first), as `key is <saved> there and <current> here`; None if they build the same weights."""
-    if isinstance(saved, dict) and isinstance(current, dict):
-        keys = sorted(set(saved) | set(current), key=lambda key: (key != "type", str(key)))
-        for key in keys:
-            if key in NOT_WEIGHTS:
-                continue
-            found = model_difference(
-                saved.get(key, UNSET), current.get(key, UNSET), f"{where}.{key}"
-            )
-            if found:
-                return found
-        return None
-    if isinstance(saved, list) and isinstance(current, list) and len(saved) == len(current):
-        for index, (a, b) in enumerate(zip(saved, current, strict=True)):
-            found = model_difference(a, b, f"{where}.{index}")
-            if found:
-                return found
-        return None
-    if saved != current:
-        return f"{where} is {_brief(saved)} there and {_brief(current)} here"
-    return None
-
-
-def _brief(value: Any) -> str:
-    """A config value in a few words: a mapping by its type."""
-    if value is UNSET:
-        return "unset"
-    if isinstance(value, dict):
-        return f"a {value['type']}" if "type" in value else "a mapping"
-    text = repr(value)
-    return text if len(text) <= 60 else text[:57] + "..."
-
-
-def check_resumable(resume: str, cfg: Config) -> None:
-    """Refuse, before Determined loads it, a checkpoint whose model is not this run's (another
-    detector, backbone or class count), naming the first difference."""
-    saved_config = Path(resume).resolve() / EXPORT_DIR / CONFIG_FILE
-    if not saved_config.is_file():  # a checkpoint of an older version: Determined will tell
-        return
-    saved = json.loads(json.dumps(Config.fromfile(saved_config).model.to_dict(), default=str))
-    current = json.loads(json.dumps(cfg.model.to_dict(), default=str))
-    difference = model_difference(saved, current)
-    if difference:
-        raise ExperimentError(
-            f"--resume {resume}: the checkpoint is of another model ({difference}, per "
-            f"{saved_config}). Resume it with the experiment, hyperparameters and data it was "
-            f"trained with, or start a new run from its weights with "
-            f"--set hyperparameters.load_from={saved_config.parent / 'model.pth'}."
-        )
-
-
 def run_local(
     experiment_file: str,
     overrides: list[str],
@@ -165,7 +106,7 @@ def run_local(
     latest, resumed_batches = None, 0
     if resume:
         latest, resumed_batches = resume_point(resume, output / "determined")
-    metrics_path = output / "metrics.jsonl"
+    metrics_path = output / METRICS_FILE
     distributed = local_distributed()
     chief = distributed is None or distributed.rank == 0
     with det.pytorch.init(
@@ -198,22 +139,5 @@ def run_local(
     if distributed is not None:
         torch.distributed.destroy_process_group()
     if chief:
-        print_final_validation(metrics_path)
+        print_final_validation(metrics_path, output / "determined")
     return metrics_path
-
-
-def print_final_validation(metrics_path: Path) -> None:
-    if not metrics_path.is_file():
-        print("Nothing was trained: the run had already reached its length.")
-        return
-    records = [json.loads(line) for line in metrics_path.read_text().splitlines()]
-    validations = [r for r in records if r["kind"] == "validation"]
-    if not validations:
-        print("No validation was reported.")
-        return
-    last: dict[str, Any] = validations[-1]
-    print(f"\nValidation after {last['batches']} batches:")
-    for name, value in last["metrics"].items():
-        if name.startswith(("bbox_", "segm_")):
-            print(f"  {name:<18} {value:.3f}")
-    print(f"Checkpoints: {metrics_path.parent / 'determined'}  Metrics: {metrics_path}")

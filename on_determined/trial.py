@@ -13,76 +13,19 @@ checkpointed the trained weights (`callbacks.SessionState`).
 
 from __future__ import annotations
 
-import logging
 from collections.abc import Callable
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import determined as det
-import torch
 from determined import pytorch
 
-from on_determined.callbacks import VALIDATION_FAILURE, build_callbacks
-from utils.errors import USER_ERRORS
+from on_determined.callbacks import build_callbacks
 from utils.evaluation import CocoEvaluator
 from utils.files import allow_numpy_globals
 from utils.plan import RunPlan, config_seed, plan_run
 from utils.session import TrainingSession
-
-logger = logging.getLogger(__name__)
-# A validation batch's key for its samples that did not load (LoadFailure).
-LOAD_FAILURES = "load_failures"
-
-
-def describe(err: Exception) -> str:
-    """A failure in one line: a user error's own message (it names the file and what to do),
-    else its type and message; the traceback of an unexpected error goes to the log."""
-    if isinstance(err, USER_ERRORS):
-        return str(err)
-    logger.error("Validation failed", exc_info=err)
-    return f"{type(err).__name__}: {err}"
-
-
-@dataclass(frozen=True)
-class LoadFailure:
-    """In place of a validation sample that did not load (picklable, for loader workers)."""
-
-    message: str
-
-    def to(self, device: Any) -> LoadFailure:
-        return self  # what Determined calls to move a batch's items to the device
-
-
-class KeepLoadFailures(torch.utils.data.Dataset):
-    """The validation dataset, with a LoadFailure for each sample that fails to load."""
-
-    def __init__(self, dataset: torch.utils.data.Dataset) -> None:
-        self.dataset = dataset
-
-    def __len__(self) -> int:
-        return len(self.dataset)
-
-    def __getitem__(self, index: int) -> Any:
-        try:
-            return self.dataset[index]
-        except Exception as err:
-            return LoadFailure(describe(err))
-
-
-class CollateLoaded:
-    """A validation batch of the samples that loaded, with the others under LOAD_FAILURES."""
-
-    def __init__(self, collate: Callable[[list[Any]], Any]) -> None:
-        self.collate = collate
-
-    def __call__(self, samples: list[Any]) -> Any:
-        loaded = [sample for sample in samples if not isinstance(sample, LoadFailure)]
-        batch = self.collate(loaded) if loaded else {"inputs": [], "data_samples": []}
-        failures = [sample for sample in samples if isinstance(sample, LoadFailure)]
-        if failures:
-            batch[LOAD_FAILURES] = failures
-        return batch
+from utils.validation import RankValidation, combine, failure_keeping_loader
 
 
 class EvaluatorReducer(pytorch.MetricReducer):
@@ -90,41 +33,24 @@ class EvaluatorReducer(pytorch.MetricReducer):
     any rank becomes the chief's VALIDATION_FAILURE (see the module's docstring)."""
 
     def __init__(self, evaluator: CocoEvaluator, chief: bool) -> None:
-        self.evaluator = evaluator
+        self.rank = RankValidation(evaluator)
         self.chief = chief
-        self.failures: list[str] = []
 
     def reset(self) -> None:
-        self.evaluator.reset()
-        self.failures = []
+        self.rank.reset()
 
     def update(self, batch: Any, predict: Callable[[Any], list[Any]]) -> None:
-        """Predict a validation batch and add its entries; once this rank has a failure, the
-        rest of its batches are not predicted."""
-        self.failures += [failure.message for failure in batch.get(LOAD_FAILURES, [])]
-        if self.failures:
-            return
-        try:
-            self.evaluator.update(predict(batch))
-        except Exception as err:
-            self.failures.append(describe(err))
+        self.rank.update(batch, predict)
 
     def per_slot_reduce(self) -> Any:
-        return self.evaluator.entries, self.failures
+        return self.rank.share()
 
     def cross_slot_reduce(self, per_slot_metrics: list[Any]) -> dict[str, Any]:
         # Every rank gets every rank's entries; the chief's metrics are broadcast to the others
         # before the callbacks see them (Determined does when a callback reads them: ours do).
         if not self.chief:
             return {}
-        failures = [failure for _, rank_failures in per_slot_metrics for failure in rank_failures]
-        if not failures:
-            try:
-                return self.evaluator.compute([entries for entries, _ in per_slot_metrics])
-            except Exception as err:
-                failures = [describe(err)]
-        first = f"{len(failures)} failures, the first: " if len(failures) > 1 else ""
-        return {VALIDATION_FAILURE: first + failures[0]}
+        return combine(self.rank.evaluator, per_slot_metrics)
 
 
 def plan_trial(context: pytorch.PyTorchTrialContext) -> RunPlan:
@@ -200,12 +126,7 @@ class MMDetTrial(pytorch.PyTorchTrial):
         return self.session.train_loader(pytorch.DataLoader, rank=None)
 
     def build_validation_data_loader(self) -> pytorch.DataLoader:
-        def loader(dataset: Any, collate_fn: Callable[[list[Any]], Any], **kwargs: Any) -> Any:
-            return pytorch.DataLoader(
-                KeepLoadFailures(dataset), collate_fn=CollateLoaded(collate_fn), **kwargs
-            )
-
-        return self.session.val_loader(loader, rank=None)
+        return self.session.val_loader(failure_keeping_loader(pytorch.DataLoader), rank=None)
 
     def train_batch(self, batch: Any, epoch_idx: int, batch_idx: int) -> dict[str, Any]:
         session = self.session

@@ -1,13 +1,16 @@
-"""The house's boundaries: only on_determined/ imports Determined, utils/ imports no engine, the
-package's modules import each other without a cycle, and library modules stay small."""
+"""The house's boundaries: only on_determined/ imports Determined and only on_ray/ imports Ray,
+utils/ imports no engine, the package's modules import each other without a cycle, and library
+modules stay small."""
 
 from __future__ import annotations
 
 import ast
 from pathlib import Path
 
+import pytest
+
 REPO = Path(__file__).resolve().parent.parent
-PACKAGES = ("utils", "on_determined")
+PACKAGES = ("utils", "on_determined", "on_ray")
 ENGINES = {"determined", "ray"}
 
 
@@ -34,14 +37,17 @@ def imported_modules(path: Path) -> set[str]:
     return names
 
 
-def test_only_the_determined_adapter_imports_determined() -> None:
+@pytest.mark.parametrize(
+    ("engine", "adapter"), [("determined", "on_determined/"), ("ray", "on_ray/")]
+)
+def test_only_an_engines_adapter_imports_it(engine: str, adapter: str) -> None:
     importers = {
         str(p.relative_to(REPO))
         for p in sources()
-        if any(name.split(".")[0] == "determined" for name in imported_modules(p))
+        if any(name.split(".")[0] == engine for name in imported_modules(p))
     }
-    assert importers, "the adapter imports determined: the test must see it"
-    assert all(name.startswith("on_determined/") for name in importers), importers
+    assert importers, f"the adapter imports {engine}: the test must see it"
+    assert all(name.startswith(adapter) for name in importers), importers
 
 
 def test_utils_imports_no_engine() -> None:
@@ -57,6 +63,7 @@ def test_no_import_cycle() -> None:
         for name, path in modules.items()
     }
     assert graph["on_determined.trial"] >= {"utils.session", "on_determined.callbacks"}
+    assert graph["on_ray.worker"] >= {"utils.session", "on_ray.chief"}
     state: dict[str, str] = {}
 
     def visit(name: str, trail: list[str]) -> None:

@@ -12,6 +12,8 @@ def test_installed_stack_matches_the_lock() -> None:
     assert pins["mmcv"] == "2.1.0" and pins["mmdet"] == "3.3.0" and pins["torch"] == "2.14.1"
     assert versions.version_problems(pins) == []
     versions.check_versions()
+    assert pins["ray"] == "2.60.0" and pins["optuna"] == "5.0.0"
+    versions.check_versions(versions.RAY_CHECKED)  # the Ray adapter's own start-up check
 
 
 def test_mismatch_names_package_and_what_to_do(monkeypatch: pytest.MonkeyPatch) -> None:

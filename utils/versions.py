@@ -9,6 +9,8 @@ LOCK_FILE = Path(__file__).resolve().parent.parent / "requirements.lock"
 MMCV_VERSION = "2.1.0"
 # The packages whose combination is fragile; the rest of the lock is checked by `pip check`.
 CHECKED = ("torch", "torchvision", "mmengine", "mmdet", "numpy", "determined", "pycocotools")
+# The Ray adapter's engine and search algorithms, checked when it starts.
+RAY_CHECKED = ("ray", "hyperopt", "optuna")
 
 
 def pinned_versions(lock_file: Path = LOCK_FILE) -> dict[str, str]:
@@ -46,9 +48,10 @@ def version_problems(
     return problems
 
 
-def check_versions() -> None:
-    """Raise with an actionable message when the installed stack differs from requirements.lock."""
-    problems = version_problems(pinned_versions())
+def check_versions(extra: tuple[str, ...] = ()) -> None:
+    """Raise with an actionable message when the installed stack (and the `extra` packages)
+    differs from requirements.lock."""
+    problems = version_problems(pinned_versions(), (*CHECKED, *extra, "mmcv"))
     if problems:
         raise RuntimeError(
             "The installed packages differ from the pins in requirements.lock:\n  "

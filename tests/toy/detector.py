@@ -46,6 +46,13 @@ class ToyDetector(BaseDetector):
         for sample, box in zip(batch_data_samples, boxes, strict=True):
             scale = box.new_tensor(sample.scale_factor * 2)
             gt = sample.gt_instances
+            if "bboxes" not in gt:  # an image without annotations (predict): the box alone
+                sample.pred_instances = InstanceData(
+                    bboxes=(box[:4] / scale)[None],
+                    scores=box[4:].sigmoid(),
+                    labels=torch.zeros(1, dtype=torch.long),
+                )
+                continue
             noise = torch.Generator().manual_seed(int(sample.img_id))
             jitter = torch.randn(gt.bboxes.shape, generator=noise) * 3.0
             scores = torch.rand(len(gt.labels), generator=noise) * box[4:].sigmoid()

@@ -1,0 +1,97 @@
+"""`python -m on_ray`'s command line: `train` (Ray Train) and `tune` (Ray Tune)."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+import warnings
+from typing import Any
+
+from utils.versions import RAY_CHECKED, check_versions
+
+USAGE = """\
+One run of an experiment on Ray Train (a local Ray, or a cluster's with --address):
+    python -m on_ray train EXPERIMENT.yaml [--workers N] [--set KEY=VALUE] [--output DIR]
+A hyperparameter search of the experiment on Ray Tune:
+    python -m on_ray tune EXPERIMENT.yaml [--search-alg random|hyperopt|optuna] [--set ...]
+"""
+
+
+def positive_int(text: str) -> int:
+    """An argparse type: an integer >= 1."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{value} is not a positive integer")
+    return value
+
+
+def common_arguments(parser: argparse.ArgumentParser, output: str) -> None:
+    parser.add_argument("experiment", help="experiment YAML (as for Determined)")
+    parser.add_argument(
+        "--address", help="a running Ray cluster (`auto`, or HOST:PORT); default: a local Ray"
+    )
+    parser.add_argument(
+        "--set", action="append", default=[], metavar="KEY=VALUE", help="override a dotted key"
+    )
+    parser.add_argument(
+        "--output", default=output, help=f"metrics.jsonl and TensorBoard files (default {output})"
+    )
+    parser.add_argument(
+        "--storage",
+        help="Ray's storage_path for checkpoints: a folder or a cloud URI (default OUTPUT/ray)",
+    )
+    parser.add_argument("--max-batches", type=positive_int, help="cap the training length")
+    parser.add_argument(
+        "--report-every", type=positive_int, default=20, help="batches per training report"
+    )
+
+
+def parse_args(argv: list[str]) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        prog="python -m on_ray", description=USAGE, formatter_class=argparse.RawTextHelpFormatter
+    )
+    commands = parser.add_subparsers(dest="command", required=True)
+    train = commands.add_parser("train", help="one run on Ray Train's TorchTrainer")
+    common_arguments(train, "runs/ray")
+    train.add_argument(
+        "--workers", type=positive_int, help="workers (default resources.slots_per_trial)"
+    )
+    train.add_argument("--resume", help="a checkpoint folder of an earlier run to continue")
+    tune = commands.add_parser("tune", help="the experiment's searcher on Ray Tune")
+    common_arguments(tune, "runs/tune")
+    tune.add_argument(
+        "--search-alg",
+        default="random",
+        choices=("random", "hyperopt", "optuna"),
+        help="who picks the points: random draws (Determined's), or HyperOpt's / Optuna's TPE",
+    )
+    tune.add_argument("--seed", type=int, default=0, help="the search algorithm's seed")
+    return parser.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> Any:
+    """Run a command; returns Ray's result (train) or result grid (tune)."""
+    warnings.filterwarnings("ignore", message="pkg_resources is deprecated", category=UserWarning)
+    check_versions(RAY_CHECKED)
+    args = parse_args(sys.argv[1:] if argv is None else list(argv))
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    common = dict(
+        address=args.address,
+        output=args.output,
+        storage=args.storage,
+        max_batches=args.max_batches,
+        report_every=args.report_every,
+    )
+    if args.command == "train":
+        from on_ray.train import train
+
+        return train(args.experiment, args.set, workers=args.workers, resume=args.resume, **common)
+    from on_ray.tune import tune_search
+
+    return tune_search(
+        args.experiment, args.set, search_alg=args.search_alg, seed=args.seed, **common
+    )

@@ -1,0 +1,94 @@
+"""Connecting to Ray and checking what it has, before any worker starts."""
+
+from __future__ import annotations
+
+import os
+import socket
+from typing import Any
+
+import ray
+
+from utils.config import REPO_ROOT
+from utils.errors import USER_ERRORS, ExperimentError
+
+# A local Ray on a small machine: the object store holds only checkpoints' small messages.
+LOCAL_OBJECT_STORE = 200 * 1024 * 1024
+# Passed on to every worker when set where the driver runs.
+FORWARDED = ("MMDET_DETERMINED_INIT_LOG", "XDG_CACHE_HOME", "MLFLOW_TRACKING_URI")
+
+
+def connect(address: str | None) -> None:
+    """`ray.init`: the cluster at `address` (`auto`: the one `ray start` made on this host), or
+    a local Ray of this machine (no dashboard). A Ray already started in this process is kept."""
+    if ray.is_initialized():
+        return
+    options: dict[str, Any] = {"log_to_driver": True, "logging_level": "WARNING"}
+    if address:
+        # The nodes of a cluster get this checkout (not its virtualenv or runs) as their code.
+        options["runtime_env"] = {
+            "working_dir": str(REPO_ROOT),
+            "excludes": [".venv", "runs", ".git", "*.pth"],
+        }
+        try:
+            reachable(address)  # Ray itself retries an unreachable address for minutes
+            ray.init(address=address, **options)
+        except (ConnectionError, RuntimeError, ValueError, OSError) as err:
+            raise ExperimentError(
+                f"--address {address}: no Ray cluster can be reached there ({err}). Start one "
+                "with `ray start --head` (then --address auto on its nodes, or its "
+                "HOST:6379), or leave --address out to start a local Ray."
+            ) from err
+        return
+    ray.init(include_dashboard=False, object_store_memory=LOCAL_OBJECT_STORE, **options)
+
+
+def reachable(address: str, timeout: float = 10.0) -> None:
+    """Raise OSError unless `HOST:PORT` (or `ray://HOST:PORT`) accepts a TCP connection; `auto`
+    is left to Ray, which fails at once when this host runs no Ray."""
+    if address == "auto":
+        return
+    host, _, port = address.removeprefix("ray://").rpartition(":")
+    if not host or not port.isdigit():
+        raise ValueError("write it as HOST:PORT (the head's GCS port, 6379 by default) or auto")
+    with socket.create_connection((host, int(port)), timeout=timeout):
+        pass
+
+
+def check_workers(count: int, what: str) -> bool:
+    """Whether the workers take GPUs (one each, when the cluster has any); an error saying what
+    Ray sees when `count` workers do not fit."""
+    if count < 1:
+        raise ExperimentError(f"{what} is {count}: use 1 or more workers.")
+    resources = ray.cluster_resources()
+    cpus, gpus = int(resources.get("CPU", 0)), int(resources.get("GPU", 0))
+    use_gpu = gpus > 0
+    have = gpus if use_gpu else cpus
+    if count > have:
+        unit = "GPU" if use_gpu else "CPU"
+        raise ExperimentError(
+            f"{what} is {count}, but Ray sees {cpus} CPUs and {gpus} GPUs in the cluster; each "
+            f"worker takes one {unit}: use at most {have} workers, or add nodes to the cluster."
+        )
+    return use_gpu
+
+
+def worker_env() -> dict[str, str]:
+    """The driver's settings a worker must share (cache root, MLflow server, init log)."""
+    return {name: os.environ[name] for name in FORWARDED if name in os.environ}
+
+
+def raise_user_error(err: BaseException) -> None:
+    """Raise the first user error (bad data, a stopped run) behind a failed Ray run, so the
+    command ends with its one-line message; return if there is none."""
+    seen: set[int] = set()
+    pending = [err]
+    while pending:
+        current = pending.pop(0)
+        if current is None or id(current) in seen:
+            continue
+        seen.add(id(current))
+        if isinstance(current, USER_ERRORS):
+            raise current from None
+        pending += list(getattr(current, "worker_failures", {}).values())
+        pending += [getattr(current, "cause", None), current.__cause__, current.__context__]
+        pending.append(getattr(current, "controller_failure", None))

@@ -1,0 +1,200 @@
+"""`python -m on_ray tune`: the experiment's hyperparameter search on Ray Tune.
+
+Each trial trains as `python -m on_ray train` does (the same worker loop, validations and
+checkpoints); a trial of `slots_per_trial` > 1 runs its own `TorchTrainer`. The searcher maps as
+`on_ray/space.py` says; HyperOpt or Optuna (TPE) can choose the points instead of random draws.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import os
+import time
+from functools import partial
+from pathlib import Path
+from typing import Any
+
+import ray.tune
+from ray import tune
+from ray.train import RunConfig as TrainRunConfig
+from ray.train import ScalingConfig
+from ray.train.torch import TorchConfig, TorchTrainer
+from ray.tune.integration.ray_train import CHECKPOINT_PATH_KEY, TuneReportCallback
+from ray.tune.search import ConcurrencyLimiter
+
+from on_ray import cluster
+from on_ray.space import Search, plan_search, search_space
+from on_ray.spec import WorkerSpec
+from on_ray.train import train_loop
+from on_ray.worker import run_worker
+from utils import experiment
+from utils.keys import check_experiment_keys
+from utils.plan import plan_run
+
+
+def tune_trial(config: dict[str, Any], spec: WorkerSpec, workers: int, use_gpu: bool) -> None:
+    """One trial: the sampled hyperparameters, trained on one worker here or on `workers`."""
+    context = ray.tune.get_context()
+    spec = dataclasses.replace(
+        spec,
+        hparams=config,
+        output=str(Path(spec.output) / context.get_trial_name()),
+        run_name=f"{spec.run_name} {context.get_trial_name()}",
+    )
+    if workers > 1:  # Ray's way: a trainer per trial, its reports forwarded to Tune
+        TorchTrainer(
+            train_loop,
+            train_loop_config={"spec": spec},
+            torch_config=TorchConfig(backend="nccl" if use_gpu else "gloo"),
+            scaling_config=ScalingConfig(num_workers=workers, use_gpu=use_gpu),
+            run_config=TrainRunConfig(
+                name=context.get_trial_name(),
+                storage_path=str(Path(context.get_trial_dir()) / "train"),
+                callbacks=[TuneReportCallback()],
+            ),
+        ).fit()
+        return
+
+    def report(metrics: dict[str, Any], folder: Path | None) -> None:
+        checkpoint = tune.Checkpoint.from_directory(str(folder)) if folder else None
+        ray.tune.report(metrics, checkpoint=checkpoint)
+
+    restored = ray.tune.get_checkpoint()
+    if restored is None:
+        run_worker(spec, 0, 1, None, report)
+        return
+    with restored.as_directory() as folder:
+        run_worker(spec, 0, 1, Path(folder), report)
+
+
+def search_algorithm(name: str, search: Search, seed: int) -> Any:
+    """HyperOpt's or Optuna's TPE (random draws for their first points), or None (random)."""
+    startup = min(20, max(1, search.num_samples // 2))
+    if name == "hyperopt":
+        from ray.tune.search.hyperopt import HyperOptSearch
+
+        algorithm: Any = HyperOptSearch(n_initial_points=startup, random_state_seed=seed)
+    elif name == "optuna":
+        import optuna
+        from ray.tune.search.optuna import OptunaSearch
+
+        algorithm = OptunaSearch(
+            sampler=optuna.samplers.TPESampler(n_startup_trials=startup, seed=seed)
+        )
+    else:
+        return None
+    if search.max_concurrent:
+        algorithm = ConcurrencyLimiter(algorithm, max_concurrent=search.max_concurrent)
+    return algorithm
+
+
+def tune_search(
+    experiment_file: str,
+    overrides: list[str],
+    *,
+    search_alg: str = "random",
+    address: str | None = None,
+    output: str | Path = "runs/tune",
+    storage: str | None = None,
+    max_batches: int | None = None,
+    report_every: int = 20,
+    seed: int = 0,
+) -> tune.ResultGrid:
+    """Run the search; prints the best trial and a table of all. Returns Tune's results."""
+    exp = experiment.load_experiment(experiment_file, overrides)
+    check_experiment_keys(exp)
+    searcher = exp.get("searcher") or {}
+    search = plan_search(searcher, search_alg)
+    specs = exp.get("hyperparameters") or {}
+    space = search_space(specs, search.grid)
+    base = experiment.local_hparams(specs)
+    workers = int((exp.get("resources") or {}).get("slots_per_trial", 1))
+    # The config of the local values, planned once here: its errors come before any trial.
+    plan_run(base, exp.get("data") or {}, world_size=workers, searcher=searcher)
+    output = Path(output).resolve()
+    cluster.connect(address)
+    use_gpu = cluster.check_workers(workers, "resources.slots_per_trial")
+    name = f"{exp.get('name') or 'mmdet'}-{time.strftime('%Y%m%d-%H%M%S')}"
+    spec = WorkerSpec(
+        experiment=exp,
+        hparams=base,
+        output=str(output / name),
+        max_batches=max_batches,
+        report_every=report_every,
+        run_name=name,
+        cwd=os.getcwd(),
+    )
+    # One worker trains in the trial's own process; more run in a trainer the trial starts.
+    resources = {"CPU": 0} if workers > 1 else {"CPU": 1, "GPU": 1 if use_gpu else 0}
+    trainable = tune.with_resources(
+        partial(tune_trial, spec=spec, workers=workers, use_gpu=use_gpu), resources
+    )
+    env = {**cluster.worker_env(), **experiment.environment_variables(exp, use_gpu)}
+    os.environ.update({k: v for k, v in env.items() if k not in os.environ})
+    tuner = tune.Tuner(
+        trainable,
+        param_space=space,
+        tune_config=tune.TuneConfig(
+            metric=search.metric,
+            mode=search.mode,
+            num_samples=search.num_samples,
+            max_concurrent_trials=search.max_concurrent or None,
+            scheduler=search.scheduler,
+            search_alg=search_algorithm(search_alg, search, seed),
+        ),
+        run_config=tune.RunConfig(
+            name=name,
+            storage_path=storage or str(output / "ray"),
+            failure_config=tune.FailureConfig(max_failures=int(exp.get("max_restarts", 5))),
+            verbose=1,
+        ),
+    )
+    results = tuner.fit()
+    print_summary(results, search, searcher)
+    return results
+
+
+def print_summary(results: tune.ResultGrid, search: Search, searcher: dict[str, Any]) -> None:
+    """The best trial (hyperparameters, metric, checkpoint) and a table of all trials."""
+    unit = searcher.get("time_metric") or "batches"
+    rows = []
+    for result in results:
+        metrics = result.metrics or {}
+        value = metrics.get(search.metric)
+        rows.append((result.path.rsplit("/", 1)[-1], value, metrics.get(unit), result.error))
+    print(f"\n{'trial':<40} {search.metric:>12} {unit:>9}  state")
+    for trial, value, length, error in rows:
+        shown = "-" if value is None else f"{value:.4f}"
+        done = "-" if length is None else f"{length:g}"
+        state = f"error: {type(error).__name__}" if error else "done"
+        print(f"{trial[:40]:<40} {shown:>12} {done:>9}  {state}")
+    if search.rungs:
+        print(f"ASHA rungs ({unit}): {', '.join(f'{r:g}' for r in search.rungs)}")
+    best = best_result(results, search.metric, search.mode)
+    if best is None:
+        print("No trial reported the metric.")
+        return
+    print(f"\nBest trial: {search.metric} = {best.metrics[search.metric]:.4f}")
+    for key, value in sorted(best.config.items()):
+        print(f"  {key}: {value!r}")
+    print(f"Checkpoint: {best_checkpoint(best)}")
+
+
+def best_result(results: tune.ResultGrid, metric: str, mode: str) -> Any:
+    """The trial with the best last-reported `metric` (its latest checkpoint holds the weights
+    of that validation); None if no trial reported it."""
+    candidates = [r for r in results if isinstance((r.metrics or {}).get(metric), float)]
+    candidates = [r for r in candidates if not math.isnan(r.metrics[metric])]
+    if not candidates:
+        return None
+    sign = 1 if mode == "max" else -1
+    return max(candidates, key=lambda r: sign * r.metrics[metric])
+
+
+def best_checkpoint(result: Any) -> str:
+    """A trial's latest checkpoint folder (a multi-worker trial's is its trainer's)."""
+    forwarded = (result.metrics or {}).get(CHECKPOINT_PATH_KEY)
+    if forwarded:
+        return str(forwarded)
+    return result.checkpoint.path if result.checkpoint else "(none)"

@@ -1,0 +1,253 @@
+"""The Ray adapter on a real local Ray (started once for the module): Ray Train gives the local
+Determined run's losses, weights and metrics; a worker that dies is restarted from the last
+checkpoint and ends where an uninterrupted run ends; Tune runs ASHA with HyperOpt and Optuna."""
+
+from __future__ import annotations
+
+import functools
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from on_determined.local import free_ports
+from tests.conftest import REPO
+from tests.faults import die_once
+from tests.test_distributed import DATA, GFL, TOY, losses
+from tests.test_distributed import run as determined_run
+from utils.errors import ExperimentError
+
+ray = pytest.importorskip("ray")
+from on_ray import state  # noqa: E402
+from on_ray.train import train  # noqa: E402
+from on_ray.tune import best_checkpoint, best_result, tune_search  # noqa: E402
+
+pytestmark = pytest.mark.slow
+DEMO = str(REPO / "experiments" / "demo.yaml")
+# 8 training images in batches of 4: a validation and a checkpoint every epoch of 2 batches,
+# each with detections to evaluate (every score kept: after 4 batches all scores are low).
+TRAIN_DATA = {**DATA, "num_train": 8}
+BATCHES = 4
+GFL_OVERRIDES = '"train_cfg.val_interval": 1, "model.test_cfg.score_thr": 0.0'
+FEW_DRAWINGS = "hyperparameters.visualization={num_images: 2}"
+
+
+@pytest.fixture(scope="module")
+def local_ray() -> None:
+    ray.init(
+        num_cpus=2,
+        include_dashboard=False,
+        object_store_memory=100 * 1024 * 1024,
+        logging_level="WARNING",
+    )
+    yield
+    ray.shutdown()
+
+
+def overrides(
+    cache: Path, config: str = GFL, data: dict = TRAIN_DATA, mmdet: str = GFL_OVERRIDES
+) -> list[str]:
+    """The `--set`s of tests.test_distributed.run, for the same experiment."""
+    return [
+        f"hyperparameters.config_file={config}",
+        "hyperparameters.global_batch_size=4",
+        f"hyperparameters.override_mmdet_config={{{mmdet}}}",
+        f"data.cache_dir={cache}",
+        f"data.synthetic={json.dumps(data)}",
+        FEW_DRAWINGS,
+    ]
+
+
+def records(output: Path) -> list[dict]:
+    return [json.loads(line) for line in (output / "metrics.jsonl").read_text().splitlines()]
+
+
+def last_determined_weights(output: Path) -> dict[str, torch.Tensor]:
+    """The weights of a local Determined run's last checkpoint (DDP's `module.` dropped)."""
+    folders = list((output / "determined").iterdir())
+    last = max(
+        folders, key=lambda f: json.loads((f / "metadata.json").read_text())["steps_completed"]
+    )
+    state_dict = torch.load(last / "state_dict.pth", map_location="cpu", weights_only=False)
+    return {k.removeprefix("module."): v for k, v in state_dict["models_state_dict"][0].items()}
+
+
+def ray_weights(checkpoint: str) -> dict[str, torch.Tensor]:
+    return torch.load(Path(checkpoint) / state.STATE_FILE, weights_only=False)["model"]
+
+
+@pytest.fixture(scope="module")
+def straight(local_ray: None, tmp_path_factory: pytest.TempPathFactory, synthetic_cache: Path):
+    """An uninterrupted 2-worker Ray Train run: its output folder and Ray's result."""
+    output = tmp_path_factory.mktemp("ray-straight")
+    result = train(
+        DEMO,
+        overrides(synthetic_cache),
+        workers=2,
+        output=output,
+        max_batches=BATCHES,
+        report_every=1,
+    )
+    return output, result
+
+
+def test_ray_train_equals_the_two_process_determined_run(
+    straight: tuple, tmp_path: Path, synthetic_cache: Path
+) -> None:
+    output, result = straight
+    determined = determined_run(
+        tmp_path,
+        synthetic_cache,
+        2,
+        "--max-batches",
+        str(BATCHES),
+        "--set",
+        f"data.synthetic={json.dumps(TRAIN_DATA)}",
+        "--set",
+        FEW_DRAWINGS,
+        overrides=GFL_OVERRIDES,
+    )
+    ours = records(output)
+    assert sorted(losses(ours)) == list(range(1, BATCHES + 1))
+    assert len(set(losses(ours).values())) == BATCHES  # the model learns
+    theirs = {r["batches"]: r["metrics"] for r in determined if r["kind"] == "training"}
+    for record in (r for r in ours if r["kind"] == "training"):
+        expected = theirs[record["batches"]]
+        for name, value in record["metrics"].items():
+            assert expected[name] == pytest.approx(value, rel=1e-6, abs=1e-9), name
+    w_det, w_ray = last_determined_weights(tmp_path), ray_weights(result.checkpoint.path)
+    assert w_det.keys() == w_ray.keys()
+    for name in w_det:
+        torch.testing.assert_close(w_ray[name], w_det[name], rtol=1e-6, atol=1e-8, msg=name)
+    validations = [r for r in ours if r["kind"] == "validation"]
+    expected = [r for r in determined if r["kind"] == "validation"]
+    assert [r["batches"] for r in validations] == [r["batches"] for r in expected] == [2, 4]
+    for mine, det in zip(validations, expected, strict=True):
+        assert mine["metrics"]["num_images"] == DATA["num_val"]
+        bbox = {k: v for k, v in det["metrics"].items() if k.startswith("bbox_")}
+        assert len(bbox) > 12  # no detection passes after 4 batches: see the toy's test below
+        assert {k: mine["metrics"][k] for k in bbox} == pytest.approx(bbox, rel=1e-6, abs=1e-9)
+    # The checkpoint holds the mmdet export that predict and export take.
+    export = Path(result.checkpoint.path) / "mmdet"
+    assert (export / "model.pth").is_file() and (export / "config.py").is_file()
+    assert any((Path(result.checkpoint.path) / "predictions").glob("*.png"))
+    assert list((output / "tensorboard").iterdir())
+
+
+def test_ray_validation_equals_determineds_on_real_detections(
+    local_ray: None, tmp_path: Path, synthetic_cache: Path
+) -> None:
+    """The toy detector finds the shapes within 2 batches: every rank's detections gathered to
+    the chief give Determined's COCO metrics."""
+    data = {**DATA, "num_train": 8}
+    determined = determined_run(
+        tmp_path / "det", synthetic_cache, 2, "--max-batches", "2", "--set",
+        f"data.synthetic={json.dumps(data)}", "--set", FEW_DRAWINGS, config=TOY,
+    )  # fmt: skip
+    train(
+        DEMO,
+        overrides(synthetic_cache, TOY, data, mmdet=""),
+        workers=2,
+        output=tmp_path / "ray",
+        max_batches=2,
+    )
+    (theirs,) = [r["metrics"] for r in determined if r["kind"] == "validation"]
+    (ours,) = [r["metrics"] for r in records(tmp_path / "ray") if r["kind"] == "validation"]
+    assert 0.05 < theirs["bbox_mAP"] < 0.95 and theirs["num_images"] == DATA["num_val"]
+    assert ours == pytest.approx(theirs, rel=1e-9, abs=1e-12)
+
+
+def test_a_worker_that_dies_is_restarted_from_the_last_checkpoint(
+    straight: tuple, tmp_path: Path, synthetic_cache: Path
+) -> None:
+    _, uninterrupted = straight
+    marker = tmp_path / "fault-done"
+    result = train(
+        DEMO,
+        [*overrides(synthetic_cache), "max_restarts=1"],  # demo.yaml allows none
+        workers=2,
+        output=tmp_path,
+        max_batches=BATCHES,
+        report_every=1,
+        # Rank 1 dies before the 4th batch; the checkpoint of batch 2 is there.
+        batch_hook=functools.partial(die_once, 3, 1, str(marker)),
+    )
+    assert marker.is_file()  # the fault happened
+    trained = [r["batches"] for r in records(tmp_path) if r["kind"] == "training"]
+    assert trained == [1, 2, 3, 3, 4]  # batch 3 again: the restart began after batch 2
+    assert state.batches_of(Path(result.checkpoint.path)) == BATCHES
+    w_straight = ray_weights(uninterrupted.checkpoint.path)
+    w_resumed = ray_weights(result.checkpoint.path)
+    for name in w_straight:
+        torch.testing.assert_close(w_resumed[name], w_straight[name], rtol=0, atol=0, msg=name)
+
+
+def search_overrides(cache: Path) -> list[str]:
+    data = {**DATA, "num_train": 4}  # one batch an epoch: a validation at every rung
+    return [
+        # A constant LR (no warm-up), so that the searched LR moves the metric from batch 1.
+        *overrides(cache, TOY, data, mmdet='"train_cfg.val_interval": 1, "param_scheduler": []'),
+        "hyperparameters.lr={type: log, base: 10, minval: -3, maxval: -0.5}",
+        "searcher={name: adaptive_asha, metric: bbox_mAP, smaller_is_better: false, "
+        "time_metric: batches, max_time: 4, max_trials: 4, max_rungs: 3, divisor: 2, "
+        "mode: aggressive, max_concurrent_trials: 2}",
+        "hyperparameters.visualization={num_images: 0}",
+        "max_restarts=0",
+    ]
+
+
+@pytest.mark.parametrize("algorithm", ["hyperopt", "optuna"])
+def test_tune_asha_stops_trials_at_lower_rungs(
+    local_ray: None, tmp_path: Path, synthetic_cache: Path, algorithm: str
+) -> None:
+    import model_def
+
+    results = tune_search(
+        DEMO, search_overrides(synthetic_cache), search_alg=algorithm, output=tmp_path
+    )
+    assert len(results) == 4 and not results.errors
+    lengths = sorted(int(r.metrics["batches"]) for r in results)
+    assert lengths[-1] == 4 and lengths[0] < 4, lengths  # ASHA stopped one at a lower rung
+    assert len({r.config["lr"] for r in results}) == 4  # four different points
+    best = best_result(results, "bbox_mAP", "max")
+    summary = model_def.main(
+        ["predict", best_checkpoint(best), str(synthetic_image(synthetic_cache)), "--out",
+         str(tmp_path / "predicted")]
+    )  # fmt: skip
+    assert summary["images"] == 1
+    assert (tmp_path / "predicted").is_dir()
+
+
+def synthetic_image(cache: Path) -> Path:
+    return next(cache.rglob("val/*.png"))
+
+
+def test_bad_input_is_named_before_any_worker_starts(
+    local_ray: None, tmp_path: Path, synthetic_cache: Path
+) -> None:
+    with pytest.raises(ExperimentError, match="searcher.name is 'custom'"):
+        tune_search(DEMO, ["searcher={name: custom, metric: bbox_mAP}"], output=tmp_path)
+    with pytest.raises(ExperimentError, match="--search-alg hyperopt with searcher.name grid"):
+        tune_search(DEMO, ["searcher={name: grid, metric: bbox_mAP}"], search_alg="hyperopt")
+    with pytest.raises(ExperimentError, match="Ray sees 2 CPUs and 0 GPUs"):
+        train(DEMO, overrides(synthetic_cache), workers=4, output=tmp_path)
+    with pytest.raises(ExperimentError, match="searcher.bracket_rungs"):
+        tune_search(
+            DEMO,
+            ["searcher={name: adaptive_asha, metric: bbox_mAP, time_metric: batches, "
+             "max_time: 16, max_trials: 4, bracket_rungs: [3, 1]}"],
+        )  # fmt: skip
+
+
+def test_an_unreachable_address_says_so(synthetic_cache: Path) -> None:
+    (port,) = free_ports(1)
+    command = [sys.executable, "-m", "on_ray", "train", DEMO, "--address", f"127.0.0.1:{port}"]
+    command += [arg for item in overrides(synthetic_cache) for arg in ("--set", item)]
+    done = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 1
+    last = done.stderr.strip().splitlines()[-1]
+    assert last.startswith(f"on_ray: --address 127.0.0.1:{port}: no Ray cluster"), last
+    assert "ray start --head" in last
