@@ -1,7 +1,7 @@
 """Train MMDetection 3.x detectors with Determined: the cluster's entrypoint and the user's command.
 
     python3 model_def.py EXPERIMENT.yaml --local | --check     (see --help)
-    python3 model_def.py export | predict CHECKPOINT ...
+    python3 model_def.py export | predict | evaluate CHECKPOINT ...
 
 The experiments name `model_def:MMDetTrial`; the Determined adapter lives in on_determined/, the
 engine-free training session in utils/.

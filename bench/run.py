@@ -1,12 +1,13 @@
 """Run the benchmarks, print the table and write the report.
 
-    python -m bench.run [--quick] [--repeats N] [--out docs/benchmarks.md]
+    python -m bench.run [--quick] [--repeats N] [--sections NAME ...] [--out docs/benchmarks.md]
 
 Each section is a module bench/<name>.py with `measure(quick: bool) -> list[dict]` (one dict per
 row: measure, unit, ours, baseline, baseline_name, ratio, ratio_definition, goal, met, details);
 a section whose `measure` also takes `repeats` gets --repeats. `--quick` is CI's smoke: tiny
 sizes, the same code paths. A section that cannot be imported is named in the output as missing;
-one that fails makes the exit status 1.
+one that fails makes the exit status 1. `--sections` re-measures some sections only: the
+report keeps the other rows of the existing report, saying when and how they were measured.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ import inspect
 import math
 import os
 import platform
+import re
 import sys
 import time
 import traceback
@@ -26,11 +28,12 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any
 
-SECTIONS = ("training", "evaluation")
+SECTIONS = ("training", "evaluation", "engines", "serve", "startup")
 KEYS = ("measure", "unit", "ours", "baseline", "baseline_name", "ratio", "ratio_definition")
 KEYS += ("goal", "met", "details")
 PACKAGES = ("torch", "torchvision", "mmcv", "mmengine", "mmdet", "numpy", "determined")
 PACKAGES += ("pycocotools", "faster-coco-eval")
+KEPT_MARK = "(kept: measured"  # in the details of a row a partial run did not re-measure
 
 
 def run_section(name: str, quick: bool, repeats: int | None) -> tuple[list[dict], str | None]:
@@ -121,6 +124,47 @@ def table(rows: list[dict]) -> list[str]:
     return lines
 
 
+def previous_rows(path: Path) -> tuple[list[dict], str]:
+    """The rows of an earlier report (table and details), and when and how it measured them."""
+    lines = path.read_text().splitlines() if path.is_file() else []
+    rows, measured = [], {}
+    details = {}
+    for line in lines:
+        found = re.match(r"- \*\*(.+?)\*\* \(baseline: (.+?); ratio = (.+?)\): (.*)$", line)
+        if found:
+            details[found[1]] = found.groups()[1:]
+        for key in ("command", "date"):
+            if line.startswith(f"- {key}: "):
+                measured[key] = line.removeprefix(f"- {key}: ")
+    for line in lines:
+        cells = [cell.strip() for cell in line.strip().strip("|").split("|")]
+        if not line.startswith("| ") or len(cells) != 7 or cells[0] in ("measure", "---"):
+            continue
+        baseline_name, ratio_definition, text = details.get(cells[0], ("", "", ""))
+        rows.append({
+            "measure": cells[0], "ours": float(cells[1]), "baseline": float(cells[2]),
+            "unit": cells[3], "ratio": float(cells[4]), "goal": cells[5],
+            "met": cells[6] == "yes", "baseline_name": baseline_name,
+            "ratio_definition": ratio_definition, "details": text,
+        })  # fmt: skip
+    return rows, f"{measured.get('date', '?')} with {measured.get('command', '?')}"
+
+
+def merged(kept: list[dict], measured: str, rows: list[dict]) -> list[dict]:
+    """The kept rows, each saying when it was measured, with the re-measured ones in their
+    place; new rows at the end."""
+    new = {row["measure"]: row for row in rows}
+    result = []
+    for row in kept:
+        if row["measure"] in new:
+            result.append(new.pop(row["measure"]))
+        elif KEPT_MARK in row["details"]:  # kept already: its own date stays
+            result.append(row)
+        else:
+            result.append({**row, "details": f"{row['details']} {KEPT_MARK} {measured})"})
+    return result + list(new.values())
+
+
 def report(
     command: str,
     started: datetime.datetime,
@@ -128,9 +172,12 @@ def report(
     load: tuple[tuple[float, ...], tuple[float, ...]],
     rows: list[dict],
     problems: dict[str, str],
+    kept: str | None = None,
 ) -> str:
     lines = ["# Benchmarks", "", "Written by `bench/run.py`; do not edit by hand.", ""]
     lines += [f"- command: `{command}`", f"- date: {started:%Y-%m-%d %H:%M} UTC"]
+    if kept:
+        lines += [f"- {kept}"]  # the rows this command did not measure say when they were
     lines += [f"- {key}: {value}" for key, value in machine().items()]
     lines += [f"- versions: {versions()}"]
     lines += [
@@ -160,6 +207,12 @@ def main(argv: list[str] | None = None) -> int:
         "--repeats", type=int, help="repetitions per measure (sections that take it)"
     )
     parser.add_argument("--out", default="docs/benchmarks.md", help="the Markdown report")
+    parser.add_argument(
+        "--sections",
+        nargs="+",
+        choices=SECTIONS,
+        help="measure these sections only; the other rows are kept from the existing report",
+    )
     args = parser.parse_args(argv)
     if args.repeats is not None and args.repeats < 1:
         parser.error("--repeats must be at least 1")
@@ -172,7 +225,14 @@ def main(argv: list[str] | None = None) -> int:
     )
     rows: list[dict[str, Any]] = []
     problems: dict[str, str] = {}
-    for name in SECTIONS:
+    out = Path(args.out)
+    kept_rows, measured, kept = [], "", None
+    if args.sections:
+        kept_rows, measured = previous_rows(out)
+        if kept_rows:
+            kept = f"sections measured: {', '.join(args.sections)}; the rows {KEPT_MARK} ...) "
+            kept += "are kept from an earlier report"
+    for name in args.sections or SECTIONS:
         print(f"== section {name}", flush=True)
         section_rows, problem = run_section(name, args.quick, args.repeats)
         rows += section_rows
@@ -180,10 +240,9 @@ def main(argv: list[str] | None = None) -> int:
             problems[name] = problem
             print(f"section {name}: {problem}", flush=True)
     command = " ".join(["python -m bench.run", *argv])
-    text = report(
-        command, started, time.monotonic() - clock, (load_before, os.getloadavg()), rows, problems
-    )
-    out = Path(args.out)
+    rows = merged(kept_rows, measured, rows)
+    load = (load_before, os.getloadavg())
+    text = report(command, started, time.monotonic() - clock, load, rows, problems, kept)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(text)
     print("\n".join(table(rows)))

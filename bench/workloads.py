@@ -2,8 +2,12 @@
 
 Run as `python -m bench.workloads SPEC.json RESULT.json`; bench.training starts one process per
 measurement so that each has its own peak memory and no state carries over. SPEC holds `kind`
-("train" or "loader"), `side` ("ours" or "mmengine"), `sets` (the experiment `--set` overrides
-both sides build their config from), `output` (a scratch folder) and, for loaders, `passes`.
+("train" or "loader"), `side` ("ours", "mmengine", or "ray": training on Ray Train), `sets`
+(the experiment `--set` overrides all sides build their config from), `output` (a scratch
+folder) and, for loaders, `passes`.
+Kind "startup" stops at the first training batch (its one stamp: the start-up's end); its side
+"mmengine" reads the config file `config` as tools/train.py does (no checks of ours), "dataset"
+builds mmdet's training dataset from it alone.
 RESULT receives `stamps` (wall-clock seconds at the start of each training iteration, or after
 each loaded batch), `cpu` (the process's CPU seconds at the same points), `peak_so_far_mb` (its
 peak resident memory up to each point), `images` (images per batch) and `peak_mb` (the peak of the
@@ -55,26 +59,90 @@ def train_ours(spec: dict[str, Any]) -> list[tuple[float, ...]]:
     return stamps
 
 
+def stamp_to_file(path: str, batch_index: int, rank: int) -> None:
+    """A Ray worker's batch hook: its stamp appended to `path` (the worker is another process)."""
+    with open(path, "a") as stream:
+        stream.write(json.dumps(stamp()) + "\n")
+
+
+def train_ray(spec: dict[str, Any]) -> list[tuple[float, ...]]:
+    """A run of Ray Train's TorchTrainer on one worker (a local Ray), stamped in the worker."""
+    import functools
+
+    from on_ray.train import train
+
+    stamps = Path(spec["output"]) / "stamps.jsonl"
+    hook = functools.partial(stamp_to_file, str(stamps))
+    train(str(EXPERIMENT), spec["sets"], workers=1, output=spec["output"], batch_hook=hook)
+    return [tuple(json.loads(line)) for line in stamps.read_text().splitlines()]
+
+
+class FirstBatch(Exception):
+    """Raised at the first training batch: the start-up is over."""
+
+
+def startup(spec: dict[str, Any]) -> list[tuple[float, ...]]:
+    """Process start to the first training batch, or to mmdet's training dataset built."""
+    from mmengine.config import Config
+
+    stamps: list[tuple[float, ...]] = []
+    if spec["side"] == "ours":
+        from on_determined.local import run_local
+        from on_determined.trial import MMDetTrial
+
+        class FirstBatchTrial(MMDetTrial):
+            def train_batch(self, batch: Any, epoch_idx: int, batch_idx: int) -> dict[str, Any]:
+                stamps.append(stamp())
+                raise FirstBatch
+
+        try:
+            run_local(str(EXPERIMENT), spec["sets"], spec["output"], trial_class=FirstBatchTrial)
+        except FirstBatch:
+            pass
+        return stamps
+    cfg = Config.fromfile(spec["config"])
+    if spec["side"] == "dataset":
+        from mmdet.registry import DATASETS
+        from mmdet.utils import register_all_modules
+
+        register_all_modules()
+        DATASETS.build(cfg.train_dataloader.dataset).full_init()
+        return [stamp()]
+    cfg.work_dir = spec["output"]
+    cfg.launcher = "none"
+    try:
+        train_mmengine_cfg(cfg, stamps, stop=True)
+    except FirstBatch:
+        pass
+    return stamps
+
+
 def train_mmengine(spec: dict[str, Any]) -> list[tuple[float, ...]]:
     """mmdet's tools/train.py path: `Runner.from_cfg(cfg).train()`, stamped by a hook."""
-    from mmengine.hooks import Hook
-    from mmengine.runner import Runner
-
     cfg = build_cfg(spec["sets"])
     cfg.work_dir = spec["output"]
     cfg.launcher = "none"
     stamps: list[tuple[float, ...]] = []
+    train_mmengine_cfg(cfg, stamps)
+    return stamps
+
+
+def train_mmengine_cfg(cfg: Any, stamps: list, stop: bool = False) -> None:
+    """`Runner.from_cfg(cfg).train()`, stamped at each iteration; `stop`: at the first."""
+    from mmengine.hooks import Hook
+    from mmengine.runner import Runner
 
     class Stamps(Hook):
         priority = "HIGHEST"
 
         def before_train_iter(self, runner, batch_idx, data_batch=None) -> None:
             stamps.append(stamp())
+            if stop:
+                raise FirstBatch
 
     runner = Runner.from_cfg(cfg)
     runner.register_hook(Stamps())
     runner.train()
-    return stamps
 
 
 def load_ours(spec: dict[str, Any]) -> tuple[list[tuple[float, ...]], list[int]]:
@@ -126,8 +194,11 @@ def main(spec_path: str, result_path: str) -> None:
     sys.path.insert(0, str(REPO))
     spec = json.loads(Path(spec_path).read_text())
     images: list[int] = []
-    if spec["kind"] == "train":
-        stamps = (train_ours if spec["side"] == "ours" else train_mmengine)(spec)
+    if spec["kind"] == "startup":
+        stamps = startup(spec)
+    elif spec["kind"] == "train":
+        trainers = {"ours": train_ours, "mmengine": train_mmengine, "ray": train_ray}
+        stamps = trainers[spec["side"]](spec)
     else:
         stamps, images = (load_ours if spec["side"] == "ours" else load_mmengine)(spec)
     result = {

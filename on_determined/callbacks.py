@@ -12,8 +12,10 @@ import determined as det
 import numpy as np
 from determined import pytorch
 
+from on_determined.evaluation_plots import EvaluationPlots
 from utils import export
 from utils.errors import TrainingStopped
+from utils.eval_report import plot_settings
 from utils.report import RunReport
 from utils.session import TrainingSession
 from utils.tracking import MlflowRun, mlflow_settings
@@ -49,6 +51,10 @@ def build_callbacks(
     # Drawn after each validation with the validated weights; saved with the next checkpoint.
     num_images, score_thr = visualization_settings(context.get_hparams())
     callbacks["predictions"] = PredictionImages(session, context, num_images, score_thr)
+    # From the evaluation that has just run (no second pass); saved with the next checkpoint.
+    plots_score_thr = plot_settings(context.get_hparams())
+    if plots_score_thr is not None and chief:
+        callbacks["evaluation_plots"] = EvaluationPlots(session, context, plots_score_thr)
     # After the export and the drawings, so a checkpoint's files exist when it logs them.
     tracking = mlflow_settings(context.get_experiment_config())
     if tracking is not None and chief:

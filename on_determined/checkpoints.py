@@ -19,7 +19,9 @@ from mmengine.config import Config
 from utils import export
 from utils.config import build_config
 from utils.errors import ConfigError, DataError, ExportError
+from utils.experiment import environment_variables
 from utils.files import CACHE_ROOT, safe_load, strip_module_prefix
+from utils.tracking import RUN_FILE, MlflowSettings, mlflow_settings
 
 logger = logging.getLogger(__name__)
 UUID = re.compile(r"[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}")
@@ -124,3 +126,34 @@ def local_checkpoint(checkpoint: str) -> str:
     if not (folder / export.EXPORT_DIR / export.MODEL_FILE).is_file():  # an older checkpoint
         export_determined_checkpoint(folder, folder / export.EXPORT_DIR)
     return str(folder)
+
+
+def checkpoint_tracking(
+    checkpoint: str | Path, environ: dict[str, str]
+) -> tuple[MlflowSettings | None, str | None]:
+    """Where an evaluation of a checkpoint logs to, as its training did: the MLflow settings
+    from its experiment (`data.mlflow`, the experiment's environment variables under `environ`)
+    or `environ`, and the id of its training's run (RUN_FILE, else the MLflow callback's state in
+    `state_dict.pth`); None for what is not known. A folder inside the checkpoint (its `mmdet/`
+    export) counts as the checkpoint."""
+    folder = Path(checkpoint)
+    if folder.name == export.EXPORT_DIR and (folder.parent / "load_data.json").is_file():
+        folder = folder.parent
+    conf: dict[str, Any] = {}
+    if (folder / "load_data.json").is_file():
+        conf = export.read_json(folder / "load_data.json").get("experiment_config") or {}
+    variables = {**environment_variables(conf, torch.cuda.is_available()), **environ}
+    settings = mlflow_settings(conf, variables)
+    if settings is None:
+        return None, None
+    if (folder / RUN_FILE).is_file():
+        return settings, export.read_json(folder / RUN_FILE).get("run_id")
+    if (folder / "state_dict.pth").is_file():  # written before RUN_FILE was
+        try:
+            state = safe_load(folder / "state_dict.pth", mmap=True)
+        except Exception:  # torch raises many types for a truncated or foreign file
+            logger.warning("%s cannot be read for its MLflow run.", folder / "state_dict.pth")
+            return settings, None
+        run = ((state.get("callbacks") or {}).get("mlflow") or {}).get("run_id")
+        return settings, run
+    return settings, None

@@ -29,6 +29,8 @@ Check an experiment before submitting it:
 A checkpoint's detector for MMDetection's tools, and batch inference with it:
     python model_def.py export CHECKPOINT --out DIR
     python model_def.py predict CHECKPOINT INPUT... --out DIR
+Evaluate a checkpoint on a test split (metrics, plots; into its MLflow run where configured):
+    python model_def.py evaluate CHECKPOINT ANNOTATION_FILE [--image-root DIR] [--out DIR]
 """
 
 
@@ -104,7 +106,8 @@ def run_on_cluster() -> None:
 
 
 def run_command(argv: list[str]) -> Any:
-    """`export CHECKPOINT --out DIR` and `predict CHECKPOINT INPUT... --out DIR` (see --help)."""
+    """`export CHECKPOINT --out DIR`, `predict CHECKPOINT INPUT... --out DIR` and `evaluate
+    CHECKPOINT ANNOTATION_FILE` (see --help)."""
     parser = argparse.ArgumentParser(prog="model_def.py")
     commands = parser.add_subparsers(dest="command", required=True)
     for name, (doc, add_arguments, _) in COMMANDS.items():
@@ -119,7 +122,7 @@ def run_command(argv: list[str]) -> Any:
 
 def main(argv: list[str] | None = None) -> Any:
     """Train (locally or on a cluster), check an experiment, or run a command; returns what
-    `export` (the folder) and `predict` (its summary) return."""
+    `export` (the folder), `predict` (its summary) and `evaluate` (its result) return."""
     argv = sys.argv[1:] if argv is None else list(argv)
     logging.basicConfig(level=logging.INFO, format=det.LOG_FORMAT)
     if argv[:1] and argv[0] in COMMANDS:

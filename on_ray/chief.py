@@ -15,12 +15,11 @@ from torch.utils.tensorboard import SummaryWriter
 from on_ray.spec import WorkerSpec
 from utils.report import METRICS_FILE, RunReport
 from utils.session import TrainingSession
-from utils.tracking import MlflowRun, mlflow_settings
+from utils.tracking import RUN_FILE, MlflowRun, mlflow_settings
 from utils.validation import VALIDATION_FAILURE
 from utils.visualize import render_samples, sample_indices, save_pngs, visualization_settings
 
 logger = logging.getLogger(__name__)
-RUN_FILE = "mlflow_run.json"  # in checkpoints: the MLflow run a restarted group continues
 
 
 class ChiefLog:
@@ -91,8 +90,7 @@ class ChiefLog:
     def checkpoint_written(self, folder: Path) -> None:
         if self.drawings:
             save_pngs(self.drawings, folder / "predictions")
-        if self.mlflow:
-            (folder / RUN_FILE).write_text(json.dumps({"run_id": self.mlflow.run_id}))
+        if self.mlflow:  # it also names the run in the checkpoint (RUN_FILE)
             self.mlflow.log_checkpoint(folder, step=self.session.batches_trained)
 
     def close(self, finished: bool) -> None:

@@ -1,4 +1,5 @@
-"""`python -m on_ray`'s command line: `train` (Ray Train) and `tune` (Ray Tune)."""
+"""`python -m on_ray`'s command line: `train` (Ray Train), `tune` (Ray Tune), `serve` (Ray
+Serve)."""
 
 from __future__ import annotations
 
@@ -8,6 +9,8 @@ import sys
 import warnings
 from typing import Any
 
+from on_ray.serve_cli import arguments as serve_arguments
+from on_ray.serve_cli import serve
 from utils.versions import RAY_CHECKED, check_versions
 
 USAGE = """\
@@ -15,6 +18,8 @@ One run of an experiment on Ray Train (a local Ray, or a cluster's with --addres
     python -m on_ray train EXPERIMENT.yaml [--workers N] [--set KEY=VALUE] [--output DIR]
 A hyperparameter search of the experiment on Ray Tune:
     python -m on_ray tune EXPERIMENT.yaml [--search-alg random|hyperopt|optuna] [--set ...]
+A checkpoint behind a batched HTTP API and a web page, on Ray Serve:
+    python -m on_ray serve CHECKPOINT [--replicas N | --autoscale MIN,MAX] [--port 8000]
 """
 
 
@@ -70,6 +75,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
         help="who picks the points: random draws (Determined's), or HyperOpt's / Optuna's TPE",
     )
     tune.add_argument("--seed", type=int, default=0, help="the search algorithm's seed")
+    serve_arguments(commands.add_parser("serve", help="a checkpoint on Ray Serve"), positive_int)
     return parser.parse_args(argv)
 
 
@@ -79,6 +85,8 @@ def main(argv: list[str] | None = None) -> Any:
     check_versions(RAY_CHECKED)
     args = parse_args(sys.argv[1:] if argv is None else list(argv))
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    if args.command == "serve":
+        return serve(args)
     common = dict(
         address=args.address,
         output=args.output,

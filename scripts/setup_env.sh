@@ -55,4 +55,15 @@ PY
   "${PIP[@]}" install -q --no-deps --force-reinstall "$wheel_dir"/mmcv-"$MMCV_VERSION"-*.whl
 fi
 
+# The serving page's test drives Debian's chromium through playwright (which cannot download
+# browsers here): installed when missing and we are root, as on CI; otherwise say how.
+if ! command -v chromium >/dev/null; then
+  if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
+    echo "Installing chromium (Debian) for tests/test_serve.py"
+    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null
+  else
+    echo "chromium is missing: tests/test_serve.py's page test needs it (sudo apt-get install chromium)"
+  fi
+fi
+
 "$VENV/bin/python" -m utils.versions

@@ -113,7 +113,10 @@ def test_classwise_follows_the_config(generated: tuple) -> None:
     ann_file, records = generated
     metrics = evaluate(ann_file, records[:8], "faster_coco_eval", classwise=False)
     assert not [name for name in metrics if "per_class" in name]
-    assert len([name for name in metrics if name.startswith(("bbox_", "segm_"))]) == 24
+    statistics = [name for name in metrics if name.startswith(("bbox_", "segm_"))]
+    # The 12 COCO statistics per task, and the best-F1 threshold with its F1, P and R.
+    assert len([name for name in statistics if "best_F1" not in name]) == 24
+    assert len([name for name in statistics if "best_F1" in name]) == 8
 
 
 def test_backend_is_checked(generated: tuple, monkeypatch: pytest.MonkeyPatch) -> None:

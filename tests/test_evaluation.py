@@ -135,7 +135,8 @@ def test_no_detections_reports_zero_not_missing(evaluator_and_gt: tuple) -> None
     metrics = evaluator.compute([evaluator.entries])
     assert metrics["bbox_mAP"] == 0.0 and metrics["segm_AR_l_1000"] == 0.0
     statistics = [k for k in metrics if k.startswith(("bbox_", "segm_")) and "per_class" not in k]
-    assert len(statistics) == 24
+    assert len([k for k in statistics if "best_F1" not in k]) == 24
+    assert [metrics[k] for k in statistics if "best_F1" in k] == [0.0] * 8  # present, zero
     assert metrics["segm_AP_per_class/circle"] == 0.0  # classwise: few classes
 
 

@@ -8,6 +8,7 @@ import io
 import json
 import logging
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -245,7 +246,68 @@ def test_artifacts_are_the_config_predictions_and_last_export(first_run: dict) -
     assert _files(checkpoint / "predictions"), "the predictions callback wrote nothing"
     assert _files(artifacts / "predictions" / "batch_0000002") == _files(checkpoint / "predictions")
     assert first_run["run"].data.tags["mmdet_export_batches"] == "2"
-    assert sorted(p.name for p in artifacts.iterdir()) == ["config.py", "mmdet", "predictions"]
+    # The evaluation plots when the model detects anything (an untrained RetinaNet may not).
+    expected = ["config.py", "mmdet", "predictions"]
+    if (checkpoint / "evaluation").is_dir():
+        assert _files(artifacts / "evaluation" / "batch_0000002") == _files(
+            checkpoint / "evaluation"
+        )
+        expected.insert(1, "evaluation")
+    assert sorted(p.name for p in artifacts.iterdir()) == expected
+
+
+def test_evaluate_logs_into_the_training_run(
+    first_run: dict, mlflow_server: str, tmp_path: Path, synthetic_cache: Path
+) -> None:
+    """The checkpoint names its run; the MLflow settings are its experiment's (data.mlflow)."""
+    from mlflow.tracking import MlflowClient
+
+    import model_def
+    from utils import synthetic
+
+    root = synthetic.ensure_dataset(synthetic_cache, synthetic.SyntheticSpec(**TINY_SYNTHETIC))
+    ann_file = root / "annotations" / "instances_val.json"
+    run_id = first_run["run"].info.run_id
+    assert json.loads((first_run["checkpoint"] / "mlflow_run.json").read_text())["run_id"] == run_id
+    args = [str(first_run["checkpoint"]), str(ann_file), "--image-root", str(root / "val")]
+    with _captured_output() as output:
+        result = model_def.main(["evaluate", *args, "--out", str(tmp_path / "test")])
+    assert result["mlflow_run_id"] == run_id
+    client = MlflowClient(mlflow_server)
+    run = client.get_run(run_id)
+    assert run.info.status == "FINISHED"  # as training left it
+    for name in ("bbox_mAP", "bbox_mAP_50", "bbox_AR_100", "bbox_best_F1_score_thr"):
+        history = _history(client, run_id, f"test/{name}")
+        assert history == [(2, pytest.approx(result["metrics"][name]))], name
+    for name in ("bbox_mAP", "bbox_mAP_50"):  # on its validation images: validation's numbers
+        ((step, value),) = first_run["history"][name]
+        assert _history(client, run_id, f"test/{name}") == [(step, pytest.approx(value, abs=1e-9))]
+    assert run.data.tags["test.checkpoint"] == str(first_run["checkpoint"])
+    logged = {f.path for f in client.list_artifacts(run_id, "test")}
+    assert {"test/metrics.json", "test/results.bbox.json", "test/images.json"} <= logged
+    for password in PASSWORDS:
+        assert password not in output.getvalue()
+
+    # An export folder alone: a new run, in the environment's experiment.
+    export = tmp_path / "export"
+    shutil.copytree(first_run["checkpoint"] / "mmdet", export)
+    env = {"MLFLOW_TRACKING_URI": mlflow_server, "MLFLOW_EXPERIMENT_NAME": "mlflow-evaluate"}
+    before = {name: os.environ.get(name) for name in env}
+    os.environ.update(env)
+    try:
+        split = ["--split-name", "holdout", "--out", str(tmp_path / "holdout")]
+        new = model_def.main(["evaluate", str(export), *args[1:], *split])
+    finally:
+        for name, value in before.items():
+            os.environ.pop(name, None)
+            if value is not None:
+                os.environ[name] = value
+    other = _only_run(client, "mlflow-evaluate")
+    assert other.info.run_id == new["mlflow_run_id"] != run_id
+    assert other.info.status == "FINISHED"
+    assert _history(client, other.info.run_id, "holdout/bbox_mAP") == [
+        (2, pytest.approx(result["metrics"]["bbox_mAP"]))
+    ]
 
 
 def test_resumed_trial_continues_its_run(

@@ -21,6 +21,7 @@ from utils.config import KNOWN_HPARAMS, resolve_config_path, unfollowed_interval
 from utils.config_tree import base_dataset
 from utils.context import context_problem
 from utils.errors import USER_ERRORS, ConfigError, TrackingError
+from utils.eval_report import plot_settings
 from utils.evaluation import coco_backend
 from utils.evaluators import evaluator_configs
 from utils.expconf_rules import hyperparameters_problems, submission_problems
@@ -100,9 +101,10 @@ def hparam_problems(specs: dict[str, Any], slots: int) -> list[str]:
                     coco_backend(value)
                 except ConfigError as err:
                     problems.append(str(err))
-            elif name == "visualization":
+            elif name in ("visualization", "evaluation_plots"):
+                settings = visualization_settings if name == "visualization" else plot_settings
                 try:
-                    visualization_settings({name: value})
+                    settings({name: value})
                 except ConfigError as err:
                     problems.append(str(err))
     return problems

@@ -16,6 +16,8 @@ from typing import Any
 import numpy as np
 from mmdet.evaluation import CocoMetric
 
+from utils.coco_curves import CocoArrays, best_f1
+
 # Re-exported: the mask encoding is its own module, still imported from here (tests, predict).
 from utils.mask_rle import encode_cropped, encode_masks
 
@@ -79,6 +81,10 @@ class BackendCocoMetric(CocoMetric):
         # `iouThr == params.iouThrs`, which a list answers with one bool and fails on.
         self.iou_thrs = np.atleast_1d(np.asarray(self.iou_thrs, dtype=np.float64))
         self.coco_class, self.cocoeval_class = coco_engine(backend)
+        # Of the last evaluation, for the plots (utils/eval_report.py): each IoU type's arrays,
+        # and the bbox detections (the confusion matrix matches them again, class-agnostic).
+        self.arrays: dict[str, CocoArrays] = {}
+        self.bbox_detections: list[dict] = []
         if self._coco_api is not None and backend != "pycocotools":
             # mmdet loaded the annotation file with pycocotools: index the same dicts again.
             self._coco_api = self.coco_class(self._coco_api.dataset)
@@ -104,6 +110,7 @@ class BackendCocoMetric(CocoMetric):
         if classwise is None:
             classwise = len(self.cat_ids) <= CLASSWISE_MAX_CLASSES
         metrics: dict[str, float] = {}
+        self.arrays, self.bbox_detections = {}, []
         for metric in self.metrics:
             if metric == "proposal_fast":  # mmdet's own recall, no COCO engine involved
                 recalls = self.fast_eval_recall(preds, self.proposal_nums, self.iou_thrs)
@@ -118,13 +125,22 @@ class BackendCocoMetric(CocoMetric):
             if not detections:
                 logger.warning("No %s detections on the validation set: its metrics are 0.", metric)
                 metrics.update({f"{prefix}{name}": 0.0 for name in names})
+                if metric != "proposal":
+                    metrics.update(f1_metrics(metric, None))
                 if classwise and metric != "proposal":
                     metrics.update({self.class_key(metric, c): 0.0 for c in self.cat_ids})
                 continue
             coco_eval = self.run_engine(detections, iou_type, use_cats=metric != "proposal")
             stats = coco_stats(coco_eval)
             metrics.update({f"{prefix}{n}": float(stats[STAT_NAMES.index(n)]) for n in names})
-            if classwise and metric != "proposal":
+            if metric == "proposal":
+                continue
+            names_by_id = {c: self._coco_api.cats[c]["name"] for c in coco_eval.params.catIds}
+            arrays = self.arrays[metric] = CocoArrays.from_coco_eval(coco_eval, names_by_id)
+            metrics.update(f1_metrics(metric, best_f1(arrays)))
+            if metric == "bbox":
+                self.bbox_detections = detections
+            if classwise:
                 metrics.update(self.per_class_ap(coco_eval, metric))
         return metrics
 
@@ -165,6 +181,18 @@ class BackendCocoMetric(CocoMetric):
     def class_key(self, metric: str, cat_id: int) -> str:
         """`bbox_AP_per_class/<name>`: one group per IoU type in TensorBoard and the WebUI."""
         return f"{metric}_AP_per_class/{self._coco_api.cats[int(cat_id)]['name']}"
+
+
+def f1_metrics(metric: str, best: dict[str, float] | None) -> dict[str, float]:
+    """`bbox_best_F1`, `bbox_best_F1_score_thr`, `..._precision`, `..._recall` (see best_f1);
+    zeros without detections."""
+    best = best or dict.fromkeys(("f1", "score_thr", "precision", "recall"), 0.0)
+    return {
+        f"{metric}_best_F1": best["f1"],
+        f"{metric}_best_F1_score_thr": best["score_thr"],
+        f"{metric}_best_F1_precision": best["precision"],
+        f"{metric}_best_F1_recall": best["recall"],
+    }
 
 
 def coco_detections(preds: tuple[dict, ...], cat_ids: list[int], iou_type: str) -> list[dict]:

@@ -33,6 +33,7 @@ KNOWN_HPARAMS = (
     "coco_backend",
     "load_from",
     "visualization",
+    "evaluation_plots",
 )
 
 

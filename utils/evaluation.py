@@ -62,6 +62,10 @@ class CocoEvaluator:
             self.metrics.append(BackendCocoMetric(backend=self.backend, **metric_cfg))
         self.entries: list[tuple[Any, list[list[Any]]]] = []
 
+    def coco_metric(self) -> BackendCocoMetric | None:
+        """The first COCO metric: its last evaluation is what the evaluation plots show."""
+        return next((m for m in self.metrics if isinstance(m, BackendCocoMetric)), None)
+
     def set_dataset_meta(self, meta: dict[str, Any]) -> None:
         for metric in self.metrics:
             metric.dataset_meta = meta

@@ -53,14 +53,15 @@ def checkpoint_globals() -> list[Any]:
     ]
 
 
-def safe_load(path: str | Path) -> Any:
-    """`torch.load(path)` on the CPU with `weights_only=True` and `checkpoint_globals()`."""
+def safe_load(path: str | Path, mmap: bool = False) -> Any:
+    """`torch.load(path)` on the CPU with `weights_only=True` and `checkpoint_globals()`;
+    `mmap`: tensors stay in the file until read (for a look at a checkpoint's small entries)."""
     # Only those not allowed yet: leaving the context removes what it added, and must not take
     # away a process-wide allowance (`allow_numpy_globals`).
     already = set(torch.serialization.get_safe_globals())
     missing = [item for item in checkpoint_globals() if item not in already]
     with torch.serialization.safe_globals(missing):
-        return torch.load(path, map_location="cpu", weights_only=True)
+        return torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
 
 
 def allow_numpy_globals() -> None:

@@ -42,6 +42,15 @@ class Detector:
     model: torch.nn.Module
     cfg: Config
     dataset_meta: dict[str, Any]
+    batches: int | None = None  # trained (mmengine's meta.iter)
+
+    def validation_batch(self) -> int:
+        """The config's validation batch size: predicting in batches of it pads each batch as
+        validation did, so the predictions, and the metrics, are the same."""
+        for loader in ("val_dataloader", "test_dataloader"):
+            if self.cfg.get(loader) and self.cfg[loader].get("batch_size"):
+                return int(self.cfg[loader].batch_size)
+        return 1
 
 
 def find_export(checkpoint: str | Path) -> Path:
@@ -89,11 +98,23 @@ def load_detector(export_dir: Path, device: str) -> Detector:
             f"{model_file} does not fit the model of {export_dir / CONFIG_FILE}: {err}"
         ) from err
     model.dataset_meta = meta
-    return Detector(model.to(device).eval(), cfg, meta)
+    batches = checkpoint["meta"].get("iter")
+    return Detector(model.to(device).eval(), cfg, meta, batches)
+
+
+# What to do about an image that does not decode, by default (predict's options).
+BAD_IMAGE_HINT = (
+    "remove it, or pass --skip-bad-images to skip such files (they are counted and listed)"
+)
 
 
 def batches(
-    inputs: Inputs, cfg: Config, batch_size: int, skip_bad: bool, bad: list[Path]
+    inputs: Inputs,
+    cfg: Config,
+    batch_size: int,
+    skip_bad: bool,
+    bad: list[Path],
+    bad_hint: str = BAD_IMAGE_HINT,
 ) -> Iterator[tuple[list[np.ndarray], dict[str, list]]]:
     """(original RGB images, collated pipeline outputs) a batch at a time."""
     steps = [s for s in get_test_pipeline_cfg(cfg) if "LoadAnnotations" not in str(s["type"])]
@@ -105,8 +126,7 @@ def batches(
         except Exception as err:  # decoders raise many types; all mean "not an image"
             if not skip_bad:
                 raise PredictError(
-                    f"{path} cannot be decoded as an image ({err}): remove it, or pass "
-                    "--skip-bad-images to skip such files (they are counted and listed)."
+                    f"{path} cannot be decoded as an image ({err}): {bad_hint}."
                 ) from err
             bad.append(path)
             continue
@@ -160,7 +180,7 @@ def predict(
     export_dir: Path,
     inputs: Inputs,
     out_dir: Path,
-    batch_size: int = 1,
+    batch_size: int | None = None,
     score_thr: float = 0.3,
     device: str | None = None,
     skip_bad_images: bool = False,
@@ -172,7 +192,8 @@ def predict(
         export_dir: folder with `model.pth` and `config.py` (see `find_export`).
         inputs: images from `collect_inputs`.
         out_dir: output folder (created).
-        batch_size: images per forward pass.
+        batch_size: images per forward pass; by default the config's validation batch, with
+            which the metrics equal validation's (mmdet pads each batch to its largest image).
         score_thr: predictions above it are drawn; results files keep every prediction the
             model's test_cfg keeps, as COCO evaluation expects.
         device: e.g. "cuda:0" or "cpu"; CUDA when available by default.
@@ -181,10 +202,31 @@ def predict(
             CPU forward pass); all by default.
 
     Returns:
-        A summary: images predicted, detections, skipped images, written files, COCO metrics.
+        A summary: images predicted, detections, skipped images, written files, COCO metrics,
+        the batch size and the batches the model trained.
     """
+    return run_predictions(
+        export_dir, inputs, out_dir, batch_size, score_thr, device, skip_bad_images, max_rendered
+    )[0]
+
+
+def run_predictions(
+    export_dir: Path,
+    inputs: Inputs,
+    out_dir: Path,
+    batch_size: int | None = None,
+    score_thr: float = 0.3,
+    device: str | None = None,
+    skip_bad_images: bool = False,
+    max_rendered: int | None = None,
+    bad_hint: str = BAD_IMAGE_HINT,
+) -> tuple[dict[str, Any], CocoEvaluator | None]:
+    """`predict`, also returning its evaluator (None without an annotation file), whose COCO
+    metric keeps its last evaluation for the plots; `bad_hint`: what to do about an image that
+    does not decode."""
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     detector = load_detector(export_dir, device)
+    batch_size = batch_size or detector.validation_batch()
     classes = tuple(detector.dataset_meta["classes"])
     cat_ids = category_ids(inputs, classes, export_dir)
     with_mask = bool(getattr(detector.model, "with_mask", False))
@@ -198,7 +240,8 @@ def predict(
     skipped: list[Path] = []
     rendered = 0
     bar = tqdm(total=len(inputs.images), unit="img", desc="predict")
-    for originals, batch in batches(inputs, detector.cfg, batch_size, skip_bad_images, skipped):
+    loaded = batches(inputs, detector.cfg, batch_size, skip_bad_images, skipped, bad_hint)
+    for originals, batch in loaded:
         with torch.no_grad():
             samples = detector.model.test_step(batch)
         for image, sample in zip(originals, samples, strict=True):
@@ -232,8 +275,10 @@ def predict(
         "skipped": [str(p) for p in skipped],
         "files": [str(p) for p in written],
         "metrics": evaluator.compute([evaluator.entries]) if evaluator and done else {},
+        "batch_size": batch_size,
+        "batches": detector.batches,
     }
-    return summary
+    return summary, evaluator
 
 
 def write_json(path: Path, data: Any) -> Path:

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import contextlib
 import io
+import json
 import logging
 import numbers
 import os
@@ -36,6 +37,8 @@ from utils.errors import TrackingError
 logger = logging.getLogger(__name__)
 
 SECTION_KEYS = ("tracking_uri", "experiment_name", "tags")
+# In each checkpoint a tracked run writes: the run's id, where later evaluations log to.
+RUN_FILE = "mlflow_run.json"
 # Words of a param name that mark its value as a secret (matched as whole words, not substrings).
 SECRET_WORDS = {
     "password", "passwd", "token", "secret", "key", "apikey", "credential", "credentials",
@@ -188,6 +191,14 @@ class MlflowRun:
         )
         return True
 
+    def attach(self, run_id: str) -> bool:
+        """Log into the existing run `run_id` as it is (its status unchanged), if the server has
+        it; returns whether it does."""
+        if not self._exists(run_id):
+            return False
+        self.run_id = run_id
+        return True
+
     def _exists(self, run_id: str) -> bool:
         from mlflow.exceptions import MlflowException
 
@@ -236,15 +247,23 @@ class MlflowRun:
     def log_text(self, text: str, artifact_file: str) -> None:
         self._guard(artifact_file, self.client.log_text, self.run_id, text, artifact_file)
 
+    def log_folder(self, folder: str | Path, artifact_path: str) -> None:
+        self._guard(
+            artifact_path, self.client.log_artifacts, self.run_id, str(folder), artifact_path
+        )
+
     def log_checkpoint(self, checkpoint_dir: str | Path, step: int) -> None:
-        """Log the checkpoint's `predictions/*.png` (under `predictions/batch_<step>`) and keep a
-        copy of its `mmdet/` export, uploaded by `end`: the run gets the last one only."""
+        """Log the checkpoint's `predictions/*.png` and `evaluation/*` (under `<folder>/batch_
+        <step>`), keep a copy of its `mmdet/` export, uploaded by `end`: the run gets the last one
+        only; and name the run in the checkpoint (RUN_FILE), for its later evaluations."""
         checkpoint_dir = Path(checkpoint_dir)
-        images = sorted((checkpoint_dir / "predictions").glob("*.png"))
-        for image in images:
-            self._guard(
-                image.name, self.client.log_artifact, self.run_id, str(image), _batch_dir(step)
-            )
+        (checkpoint_dir / RUN_FILE).write_text(
+            json.dumps({"run_id": self.run_id, "tracking_uri": self.where})
+        )
+        for folder in ("predictions", "evaluation"):
+            for path in sorted(p for p in (checkpoint_dir / folder).glob("*") if p.is_file()):
+                where = f"{folder}/batch_{step:07d}"
+                self._guard(path.name, self.client.log_artifact, self.run_id, str(path), where)
         export = checkpoint_dir / "mmdet"
         if export.is_dir() and any(export.iterdir()):
             # The checkpoint folder may be uploaded and deleted before the run ends (cloud storage).
@@ -264,13 +283,7 @@ class MlflowRun:
             return
         if self._export is not None:
             self.set_tag("mmdet_export_batches", str(self._export_step))
-            self._guard(
-                "mmdet export",
-                self.client.log_artifacts,
-                self.run_id,
-                str(self._export / "mmdet"),
-                "mmdet",
-            )
+            self.log_folder(self._export / "mmdet", "mmdet")
             shutil.rmtree(self._export, ignore_errors=True)
             self._export = None
         # MLflow prints the run's URL, credentials of the tracking URI included.
@@ -290,7 +303,3 @@ class MlflowRun:
             logger.warning(
                 "MLflow: logging %s to %s failed: %s", what, self.where, redact(str(err))
             )
-
-
-def _batch_dir(step: int) -> str:
-    return f"predictions/batch_{step:07d}"

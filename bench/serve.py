@@ -1,0 +1,233 @@
+"""Online serving under load: `python -m on_ray serve` vs mmdet's `DetInferencer` behind a plain
+HTTP handler, on loopback, same checkpoint, same images.
+
+The checkpoint is a tiny Mask R-CNN trained here for 2 batches on generated 128 px data (as the
+tests' model): untrained enough that every image gets the test_cfg's 100 detections with masks,
+so both sides do the full post-processing. Each side runs as its own subprocess with the
+machine's CPUs, one at a time, in alternating order; clients are threads of this process, each
+posting one image after the other (closed loop). The baseline, started as
+`python -m bench.serve baseline CHECKPOINT PORT`, answers one request at a time with
+`DetInferencer(image)` (batch 1), as a handler of Python's `http.server` does.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any
+
+import requests
+
+REPO = Path(__file__).resolve().parent.parent
+LEVELS = (1, 8, 32)
+# Requests per concurrency level (after 4 warm-up requests per side).
+SIZES = {True: {1: 4, 8: 16, 32: 32, "repeats": 1}, False: {1: 40, 8: 96, 32: 160, "repeats": 3}}
+BASELINE = "mmdet DetInferencer behind http.server, one image per request"
+OURS_ARGS = ("--max-batch-size", "8", "--batch-wait-ms", "10", "--score-thr", "0")
+# Lower is better for latency, higher for throughput; concurrency 1 may pay Serve's hops.
+GOALS = {"throughput": {1: 0.9, 8: 1.0, 32: 1.0}, "p50": {1: 1.1, 8: 1.0, 32: 1.0}}
+GOALS["p99"] = {1: 1.2, 8: 1.0, 32: 1.0}
+
+
+def train_checkpoint(folder: Path) -> tuple[Path, list[Path]]:
+    """A 2-batch Mask R-CNN checkpoint and its 32 validation images."""
+    data = {"backend": "synthetic", "cache_dir": str(folder / "synthetic")}
+    data["synthetic"] = {"num_train": 16, "num_val": 32, "image_size": 128, "max_instances": 3}
+    command = [sys.executable, "model_def.py", "experiments/demo.yaml", "--local"]
+    command += ["--output", str(folder / "run"), "--max-batches", "2"]
+    command += ["--set", "hyperparameters.global_batch_size=4", "--set", f"data={json.dumps(data)}"]
+    subprocess.run(command, cwd=REPO, check=True, capture_output=True, text=True)
+    (checkpoint,) = (folder / "run" / "determined").iterdir()
+    images = sorted((folder / "synthetic").rglob("val/*.png"))
+    if not images:
+        raise RuntimeError(f"no validation images under {folder / 'synthetic'}")
+    return checkpoint, images
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def start_server(side: str, checkpoint: Path, port: int, log: Path) -> subprocess.Popen:
+    env = {**os.environ, "OMP_NUM_THREADS": str(os.cpu_count() or 1)}  # both sides: all cores
+    if side == "ours":
+        command = [sys.executable, "-m", "on_ray", "serve", str(checkpoint), "--port", str(port)]
+        command += OURS_ARGS
+    else:
+        command = [sys.executable, "-m", "bench.serve", "baseline", str(checkpoint), str(port)]
+    with log.open("w") as out:
+        process = subprocess.Popen(command, cwd=REPO, env=env, stdout=out, stderr=out)
+    deadline = time.monotonic() + 240
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            raise RuntimeError(f"the {side} server exited: {log.read_text()[-2000:]}")
+        try:
+            if requests.get(f"http://127.0.0.1:{port}/healthz", timeout=2).ok:
+                return process
+        except requests.RequestException:  # not listening yet, or Serve's app still starting
+            pass
+        time.sleep(0.5)
+    process.kill()
+    raise RuntimeError(f"the {side} server did not answer in 240 s: {log.read_text()[-2000:]}")
+
+
+def stop_server(process: subprocess.Popen) -> None:
+    process.terminate()  # ours stops Serve and Ray on SIGTERM (exit 0); http.server exits
+    try:
+        process.wait(timeout=60)
+    except subprocess.TimeoutExpired:
+        process.kill()
+        process.wait()
+
+
+def post(session: requests.Session, url: str, body: bytes) -> tuple[float, bytes]:
+    start = time.perf_counter()
+    reply = session.post(url, data=body, headers={"Content-Type": "image/png"}, timeout=120)
+    if reply.status_code != 200:
+        raise RuntimeError(f"{url} answered {reply.status_code}: {reply.text[:300]}")
+    return time.perf_counter() - start, reply.content
+
+
+def load(url: str, bodies: list[bytes], concurrency: int, count: int) -> dict[str, float]:
+    """`count` requests by `concurrency` closed-loop clients: images/s, p50 and p99 latency."""
+    sessions = [requests.Session() for _ in range(concurrency)]
+
+    def client(k: int) -> list[float]:
+        return [
+            post(sessions[k], url, bodies[i % len(bodies)])[0] for i in range(k, count, concurrency)
+        ]
+
+    start = time.perf_counter()
+    with ThreadPoolExecutor(concurrency) as pool:
+        latencies = sorted(t for part in pool.map(client, range(concurrency)) for t in part)
+    wall = time.perf_counter() - start
+    p99 = latencies[min(len(latencies) - 1, round(0.99 * (len(latencies) - 1)))]
+    return {"throughput": count / wall, "p50": statistics.median(latencies), "p99": p99}
+
+
+def detections(side: str, answer: bytes) -> int:
+    data = json.loads(answer)
+    return len(data["detections"] if side == "ours" else data["labels"])
+
+
+def measure(quick: bool, repeats: int | None = None) -> list[dict[str, Any]]:
+    size = SIZES[quick]
+    repeats = repeats or size["repeats"]
+    results: dict[tuple[str, str, int], list[float]] = {}
+    counts: dict[str, list[int]] = {}
+    with tempfile.TemporaryDirectory(prefix="bench-serve-") as tmp:
+        folder = Path(tmp)
+        checkpoint, images = train_checkpoint(folder)
+        bodies = [path.read_bytes() for path in images]
+        for rep in range(repeats):
+            for side in ("ours", "baseline") if rep % 2 == 0 else ("baseline", "ours"):
+                print(f"[bench.serve] {rep + 1}/{repeats} {side}", flush=True)
+                port = free_port()
+                process = start_server(side, checkpoint, port, folder / f"{side}-{rep}.log")
+                url = f"http://127.0.0.1:{port}/v1/detect"
+                try:
+                    with requests.Session() as session:
+                        warm = [post(session, url, body)[1] for body in bodies[:4]]
+                    counts[side] = [detections(side, answer) for answer in warm]
+                    for level in LEVELS:
+                        figures = load(url, bodies, level, size[level])
+                        for key, value in figures.items():
+                            results.setdefault((side, key, level), []).append(value)
+                finally:
+                    stop_server(process)
+    agree = "the same" if counts["ours"] == counts["baseline"] else "DIFFERENT"
+    notes = (
+        f"{len(bodies)} generated 128 px PNGs; ours `python -m on_ray serve "
+        f"{' '.join(OURS_ARGS)}` (1 replica, all CPUs); requests per level "
+        f"{', '.join(f'{level}: {size[level]}' for level in LEVELS)}; detections per image of "
+        f"the first 4: ours {counts['ours']}, baseline {counts['baseline']} ({agree})"
+    )
+    return [row(results, key, level, repeats, notes) for key in GOALS for level in LEVELS]
+
+
+def row(
+    results: dict[tuple[str, str, int], list[float]],
+    key: str,
+    level: int,
+    repeats: int,
+    notes: str,
+) -> dict[str, Any]:
+    ours = statistics.median(results[("ours", key, level)])
+    baseline = statistics.median(results[("baseline", key, level)])
+    ratio, goal = ours / baseline, GOALS[key][level]
+    higher = key == "throughput"
+    name = "Serving throughput" if higher else f"Serving latency {key}"
+    return {
+        "measure": f"{name}, Mask R-CNN R18-FPN, 128 px, {level} concurrent clients",
+        "unit": "images/s" if higher else "s",
+        "ours": ours,
+        "baseline": baseline,
+        "baseline_name": BASELINE,
+        "ratio": ratio,
+        "ratio_definition": "ours / baseline" + ("" if higher else " (lower is better)"),
+        "goal": f">= {goal:.2f}" if higher else f"<= {goal:.2f}",
+        "met": ratio >= goal if higher else ratio <= goal,
+        "details": f"median of {repeats} run(s) each; {notes}; ours "
+        f"{[round(v, 4) for v in results[('ours', key, level)]]}, baseline "
+        f"{[round(v, 4) for v in results[('baseline', key, level)]]}",
+    }
+
+
+def baseline_server(checkpoint: str, port: int) -> None:
+    """The naive server: DetInferencer on each request's image, one request at a time."""
+    from http.server import BaseHTTPRequestHandler, HTTPServer
+
+    import mmcv
+    from mmdet.apis import DetInferencer
+
+    from utils.export import CONFIG_FILE, MODEL_FILE
+    from utils.predict import find_export
+
+    export = find_export(checkpoint)
+    inferencer = DetInferencer(
+        str(export / CONFIG_FILE), str(export / MODEL_FILE), device="cpu", show_progress=False
+    )
+
+    class Handler(BaseHTTPRequestHandler):
+        def do_GET(self) -> None:
+            self.reply(b'{"status": "ok"}')
+
+        def do_POST(self) -> None:
+            body = self.rfile.read(int(self.headers["Content-Length"]))
+            result = inferencer(mmcv.imfrombytes(body), no_save_vis=True)
+            self.reply(json.dumps(result["predictions"][0]).encode())
+
+        def reply(self, data: bytes) -> None:
+            self.send_response(200)
+            self.send_header("Content-Type", "application/json")
+            self.send_header("Content-Length", str(len(data)))
+            self.end_headers()
+            self.wfile.write(data)
+
+        def log_message(self, *args: Any) -> None:  # quiet, as ours is
+            pass
+
+    class Server(HTTPServer):
+        request_queue_size = 128  # the clients' connections wait instead of being refused
+
+    with Server(("127.0.0.1", port), Handler) as server:
+        try:
+            server.serve_forever()
+        except KeyboardInterrupt:
+            pass
+
+
+if __name__ == "__main__":
+    if sys.argv[1:2] != ["baseline"] or len(sys.argv) != 4:
+        sys.exit("usage: python -m bench.serve baseline CHECKPOINT PORT")
+    baseline_server(sys.argv[2], int(sys.argv[3]))
