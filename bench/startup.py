@@ -85,6 +85,7 @@ def dataset(fraction: float) -> Path:
     train = root / "annotations" / "instances_train2017.json"
     if not train.is_file():
         rng = np.random.default_rng(1)
+        (root / "annotations").mkdir(parents=True, exist_ok=True)
         for split in ("train2017", "val2017"):
             (root / split).mkdir(parents=True, exist_ok=True)
             for i in range(SOURCE_IMAGES):

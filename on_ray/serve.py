@@ -12,6 +12,7 @@ import asyncio
 import re
 import signal
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -45,14 +46,19 @@ class Detector:
         self.settings = settings
         self.detect_batch.set_max_batch_size(settings.max_batch_size)
         self.detect_batch.set_batch_wait_timeout_s(settings.batch_wait_ms / 1000)
+        # Forward passes in one thread of their own, always the same: each thread that calls
+        # torch gets its own OpenMP team, and idle teams spin on the CPUs the busy one needs
+        # (on 2 cores, asyncio.to_thread's pool answered about 10 % slower).
+        self.executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="forward")
 
     def describe(self) -> dict[str, Any]:
         return self.model.describe()
 
     @serve.batch(max_batch_size=8, batch_wait_timeout_s=0.01)  # reset from the settings
     async def detect_batch(self, requests: list[Request]) -> list[Outcome]:
-        # In a thread: the replica keeps accepting requests (the next batch) meanwhile.
-        return await asyncio.to_thread(self.model.detect, requests)
+        # In that thread: the replica keeps accepting requests (the next batch) meanwhile.
+        loop = asyncio.get_running_loop()
+        return await loop.run_in_executor(self.executor, self.model.detect, requests)
 
     async def __call__(self, request: HttpRequest) -> Response:
         return await handle(request, self)

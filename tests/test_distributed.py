@@ -73,7 +73,11 @@ def test_two_ranks_share_the_global_batch_and_evaluate_each_image_once(
     (validation,) = [r["metrics"] for r in records if r["kind"] == "validation"]
     # 7 images over 2 ranks in batches the ranks share unevenly: each counted exactly once.
     assert validation["num_images"] == DATA["num_val"]
-    assert len([k for k in validation if k.startswith("bbox_") and "per_class" not in k]) == 12
+    stats = [k for k in validation if k.startswith("bbox_") and "per_class" not in k]
+    assert len([k for k in stats if "best_F1" not in k]) == 12
+    assert sorted(k for k in stats if "best_F1" in k) == [
+        "bbox_best_F1", "bbox_best_F1_precision", "bbox_best_F1_recall", "bbox_best_F1_score_thr"
+    ]  # fmt: skip
     assert len([k for k in validation if k.startswith("bbox_AP_per_class/")]) == 3
     (checkpoint,) = (tmp_path / "determined").iterdir()
     assert (checkpoint / "state_dict.pth").is_file()

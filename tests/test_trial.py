@@ -58,6 +58,9 @@ def test_trains_validates_and_checkpoints(
     expected = {f"{task}_{name}" for task in tasks for name in COCO_NAMES}
     # Per-class AP, grouped under one prefix per IoU type (3 classes: on by default).
     expected |= {f"{task}_AP_per_class/{name}" for task in tasks for name in CLASSES}
+    # The score threshold of best F1 at IoU 0.5, with that F1, precision and recall.
+    best = ("_score_thr", "", "_precision", "_recall")
+    expected |= {f"{task}_best_F1{suffix}" for task in tasks for suffix in best}
     assert expected <= set(metrics)
     # pycocotools reports -1 where an area range has no ground truth (no large objects here).
     assert all(0.0 <= metrics[name] <= 1.0 or metrics[name] == -1.0 for name in expected)
