@@ -111,3 +111,37 @@ def test_a_rank_takes_its_own_slice_of_every_global_batch(replicas: int) -> None
 def test_length_is_ceil_of_size_over_batch(batch_size: int) -> None:
     sampler = GroupedBatchSampler(Shapes(SIZES), batch_size=batch_size, seed=0)
     assert len(list(sampler)) == len(sampler) == -(-len(SIZES) // batch_size)
+
+
+class Listed:
+    """An mmengine dataset of these image sizes, serialized as mmdet's datasets are."""
+
+    def __new__(cls, sizes: list[tuple[int, int]]):
+        from mmengine.dataset import BaseDataset
+
+        class Sized(BaseDataset):
+            def load_data_list(self) -> list[dict]:
+                return [{"width": w, "height": h, "instances": [{"bbox": [0, 0, 1, 1]}] * 3}
+                        for w, h in sizes]  # fmt: skip
+
+        return Sized(ann_file="", serialize_data=True)
+
+
+def test_orientations_are_kept_per_host_by_the_datasets_content(
+    tmp_path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from utils import data
+
+    monkeypatch.setattr(data, "ORIENTATIONS_DIR", tmp_path)
+    expected = np.array([h > w for w, h in SIZES])
+    assert (data.orientations(Listed(SIZES)) == expected).all()
+    (kept,) = tmp_path.glob("*.npy")
+    assert (np.load(kept) == expected).all()
+    assert (data.orientations(Listed(SIZES)) == expected).all()  # read back
+    flipped = [(h, w) for w, h in SIZES]
+    assert (data.orientations(Listed(flipped)) == ~expected).all()  # other content, other key
+    assert len(list(tmp_path.glob("*.npy"))) == 2
+    kept.write_bytes(b"damaged")
+    assert (data.orientations(Listed(SIZES)) == expected).all()
+    sampler = GroupedBatchSampler(Listed(SIZES), batch_size=4, seed=0)
+    assert [b for b in sampler] == [b for b in GroupedBatchSampler(Shapes(SIZES), 4, seed=0)]
