@@ -6,8 +6,9 @@ images without objects) and a small validation file, the images being a few real
 every entry names in turn. Three sides, each its own subprocess (bench.workloads, kind
 "startup"), in turn:
 
-- ours: `model_def.py --local` (Determined's Trainer), with this host's annotation-check cache
-  cold (the file's first run) and warm (every later run, restart or rank of the host);
+- ours: `model_def.py --local` (Determined's Trainer), with this host's caches (annotation
+  checks, sampler orientations) cold (the file's first run) and warm (every later run, restart
+  or rank of the host);
 - mmdet's `tools/train.py`: `Runner.from_cfg(Config.fromfile(...)).train()` on the config ours
   resolves, dumped to a file (so none of our checks run);
 - mmdet's `CocoDataset` build alone, from that config.
@@ -114,10 +115,15 @@ def timed(spec: dict[str, Any], scratch: Path) -> dict[str, float]:
 
 
 def cold_cache(train: Path) -> None:
-    """Forget this host's check of the file: the next run checks it as a first run does."""
+    """Forget this host's check of the file and its datasets' orientations: the next run reads
+    them as a first run does."""
+    import shutil
+
     from utils.annotations import CHECKS_DIR, content_digest
+    from utils.data import ORIENTATIONS_DIR
 
     (CHECKS_DIR / f"{content_digest(train)}.json").unlink(missing_ok=True)
+    shutil.rmtree(ORIENTATIONS_DIR, ignore_errors=True)
 
 
 def check_alone(path: str) -> dict[str, float]:
