@@ -23,6 +23,7 @@ from __future__ import annotations
 import json
 import multiprocessing
 import resource
+import shutil
 import statistics
 import tempfile
 import time
@@ -117,8 +118,6 @@ def timed(spec: dict[str, Any], scratch: Path) -> dict[str, float]:
 def cold_cache(train: Path) -> None:
     """Forget this host's check of the file and its datasets' orientations: the next run reads
     them as a first run does."""
-    import shutil
-
     from utils.annotations import CHECKS_DIR, content_digest
     from utils.data import ORIENTATIONS_DIR
 
