@@ -28,7 +28,7 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any
 
-SECTIONS = ("training", "evaluation", "engines", "serve", "startup")
+SECTIONS = ("training", "evaluation", "validation", "engines", "serve", "startup")
 KEYS = ("measure", "unit", "ours", "baseline", "baseline_name", "ratio", "ratio_definition")
 KEYS += ("goal", "met", "details")
 PACKAGES = ("torch", "torchvision", "mmcv", "mmengine", "mmdet", "numpy", "determined")

@@ -31,6 +31,12 @@ STARTUP_ROWS = (
     "Annotation checks of 8 ranks",
 )
 EVALUATION_ROWS = ("COCO bbox evaluation", "COCO segm evaluation", "Evaluation plots")
+VALIDATION_ROWS = (
+    "COCO bbox validation at COCO-val size",
+    "COCO segm validation at COCO-val size",
+    "Chief's peak memory, COCO bbox validation",
+    "Chief's peak memory, COCO segm validation",
+)
 
 
 @pytest.mark.slow
@@ -55,7 +61,8 @@ def test_quick_run_reports_every_row_with_finite_figures(tmp_path: Path) -> None
         cells = [cell.strip() for cell in line.strip("|").split("|")]
         if line.startswith("| ") and len(cells) == 7 and cells[0] != "measure":
             rows[cells[0]] = cells
-    for name in TRAINING_ROWS + EVALUATION_ROWS + ENGINE_ROWS + SERVE_ROWS + STARTUP_ROWS:
+    rows_expected = TRAINING_ROWS + EVALUATION_ROWS + VALIDATION_ROWS + ENGINE_ROWS + SERVE_ROWS
+    for name in rows_expected + STARTUP_ROWS:
         found = [cells for measure, cells in rows.items() if measure.startswith(name)]
         assert found, name
         cells = found[0]
