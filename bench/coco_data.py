@@ -9,6 +9,7 @@ crowd regions, images without predictions and one image with more than 100 detec
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -148,8 +149,21 @@ def prediction_record(img_id: int, size: int, dets: list) -> dict[str, Any]:
     }
 
 
-def to_samples(records: list[dict[str, Any]], with_masks: bool) -> list[DetDataSample]:
-    """Predictions as a detector returns them: DetDataSamples, masks as dense bool tensors."""
+def decoded_masks(record: dict[str, Any]) -> np.ndarray:
+    """The record's RLE masks as (N, H, W) bool, row-major as a detector's mask tensors are."""
+    if not record["masks"]:
+        return np.zeros((0, record["height"], record["width"]), bool)
+    dense = mask_utils.decode(record["masks"]).transpose(2, 0, 1)
+    return np.ascontiguousarray(dense, dtype=bool)
+
+
+def to_samples(
+    records: list[dict[str, Any]],
+    with_masks: bool,
+    masks_of: Callable[[dict[str, Any]], np.ndarray] = decoded_masks,
+) -> list[DetDataSample]:
+    """Predictions as a detector returns them: DetDataSamples, masks (`masks_of` each record)
+    as dense bool tensors."""
     samples = []
     for record in records:
         shape = (record["height"], record["width"])
@@ -160,13 +174,7 @@ def to_samples(records: list[dict[str, Any]], with_masks: bool) -> list[DetDataS
             labels=torch.from_numpy(record["labels"]),
         )
         if with_masks:
-            dense = (
-                mask_utils.decode(record["masks"]).transpose(2, 0, 1)
-                if record["masks"]
-                else np.zeros((0, *shape), np.uint8)
-            )
-            # Row-major, as a detector's mask tensors are.
-            instances.masks = torch.from_numpy(np.ascontiguousarray(dense, dtype=bool))
+            instances.masks = torch.from_numpy(masks_of(record))
         sample.pred_instances = instances
         samples.append(sample)
     return samples

@@ -12,16 +12,15 @@ batch (`dense_masks`), so the set is small in memory and a batch is built in a f
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 from typing import Any
 
 import cv2
 import numpy as np
-import torch
-from mmdet.structures import DetDataSample
-from mmengine.structures import InstanceData
 from pycocotools import mask as mask_utils
 
+from bench import coco_data
 from bench.startup import COCO_IDS, SIZES
 
 VAL_IMAGES = 5000
@@ -140,19 +139,4 @@ def dense_masks(record: dict[str, Any]) -> np.ndarray:
     return masks.view(bool)
 
 
-def to_samples(records: list[dict[str, Any]], with_masks: bool) -> list[DetDataSample]:
-    """Predictions as a detector returns them: DetDataSamples, masks as dense bool tensors."""
-    samples = []
-    for record in records:
-        shape = (record["height"], record["width"])
-        sample = DetDataSample(metainfo={"img_id": record["img_id"], "ori_shape": shape})
-        instances = InstanceData(
-            bboxes=torch.from_numpy(record["bboxes"]),
-            scores=torch.from_numpy(record["scores"]),
-            labels=torch.from_numpy(record["labels"]),
-        )
-        if with_masks:
-            instances.masks = torch.from_numpy(dense_masks(record))
-        sample.pred_instances = instances
-        samples.append(sample)
-    return samples
+to_samples = functools.partial(coco_data.to_samples, masks_of=dense_masks)

@@ -18,6 +18,7 @@ import pickle
 import queue as queue_module
 import socket
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -47,6 +48,19 @@ def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         return sock.getsockname()[1]
+
+
+def timed(function: Callable[..., Any]) -> tuple[Callable[..., Any], list[float]]:
+    """`function` wrapped to append the seconds of each call to the list returned with it."""
+    seconds: list[float] = []
+
+    def wrapper(*args: Any) -> Any:
+        begin = time.perf_counter()
+        result = function(*args)
+        seconds.append(time.perf_counter() - begin)
+        return result
+
+    return wrapper, seconds
 
 
 def rank_end(job: dict[str, Any], rank: int, queue: Any) -> None:
@@ -83,16 +97,8 @@ def ours_end(job: dict[str, Any], rank: int, share: Any) -> dict[str, Any]:
     reducer = context.wrap_reducer(EvaluatorReducer(evaluator, chief=rank == 0),
                                    for_training=False)  # fmt: skip
     reducer.rank.evaluator.entries, reducer.rank.failures = share
-    cross = reducer.cross_slot_reduce
-    combined: list[float] = []
-
-    def timed_cross(per_slot: list) -> Any:  # the chief's evaluation alone, without the gather
-        begin = time.perf_counter()
-        metrics = cross(per_slot)
-        combined.append(time.perf_counter() - begin)
-        return metrics
-
-    reducer.cross_slot_reduce = timed_cross
+    # The chief's evaluation alone, without the gather.
+    reducer.cross_slot_reduce, combined = timed(reducer.cross_slot_reduce)
     dist.allgather(None)  # all ranks start together
     before = peak_mb()
     begin = time.perf_counter()
@@ -126,16 +132,7 @@ def mmdet_end(job: dict[str, Any], rank: int, share: Any) -> dict[str, Any]:
         stats.append([float(value) for value in self.stats])
 
     COCOeval.summarize = recorded
-    compute_metrics = metric.compute_metrics
-    evaluated: list[float] = []
-
-    def timed_compute(results: list) -> dict:  # the chief's evaluation alone, without the gather
-        begin = time.perf_counter()
-        metrics = compute_metrics(results)
-        evaluated.append(time.perf_counter() - begin)
-        return metrics
-
-    metric.compute_metrics = timed_compute
+    metric.compute_metrics, evaluated = timed(metric.compute_metrics)
     torch.distributed.barrier()
     before = peak_mb()
     begin = time.perf_counter()
