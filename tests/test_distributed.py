@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from tests.conftest import TINY_SYNTHETIC
+from tests.conftest import SGD_SETS, TINY_SYNTHETIC
 
 REPO = Path(__file__).resolve().parent.parent
 # 7 validation images: not divisible by 2 ranks nor by the batch size.
@@ -46,6 +46,7 @@ def run(
         f"data.cache_dir={cache}",
         "--set",
         f"data.synthetic={json.dumps(DATA)}",
+        *(part for value in SGD_SETS for part in ("--set", value)),
         *extra,
     ]
     launcher = [sys.executable]
