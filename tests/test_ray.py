@@ -14,7 +14,7 @@ import pytest
 import torch
 
 from on_determined.local import free_ports
-from tests.conftest import REPO
+from tests.conftest import REPO, SGD_SETS
 from tests.faults import die_once
 from tests.test_distributed import DATA, GFL, TOY, losses
 from tests.test_distributed import run as determined_run
@@ -58,6 +58,7 @@ def overrides(
         f"data.cache_dir={cache}",
         f"data.synthetic={json.dumps(data)}",
         FEW_DRAWINGS,
+        *SGD_SETS,
     ]
 
 

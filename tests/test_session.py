@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import REPO, train
+from tests.conftest import REPO, SGD_SETS, train
 from utils.experiment import load_experiment, local_hparams
 from utils.plan import config_seed, plan_run
 from utils.session import TrainingSession
@@ -24,6 +24,7 @@ def plain_loop(data: dict) -> list[dict[str, float]]:
             f"hyperparameters.config_file={CONFIG}",
             "hyperparameters.global_batch_size=4",
             f"data={json.dumps(data)}",
+            *SGD_SETS,  # as tests.conftest.train sets them
         ],
     )
     plan = plan_run(local_hparams(exp["hyperparameters"]), exp["data"])
