@@ -13,7 +13,7 @@ import sys
 import warnings
 from typing import Any
 
-from utils.versions import check_versions
+from utils.base.versions import check_versions
 
 
 def main(argv: list[str] | None = None) -> Any:
@@ -38,7 +38,7 @@ def __getattr__(name: str) -> Any:
 if __name__ == "__main__":
     # A run that stops on bad input or on purpose ends with its message, not a traceback: the
     # message names the file, key or batch and what to do. Other errors (bugs) keep theirs.
-    from utils.errors import USER_ERRORS
+    from utils.base.errors import USER_ERRORS
 
     try:
         main(sys.argv[1:])

@@ -1,6 +1,7 @@
 """COCO validation time on stored predictions: our evaluator against mmdet's CocoMetric.
 
-Ours: `utils.evaluation.CocoEvaluator` with faster-coco-eval (update per batch, then compute, as
+Ours: `utils.evaluation.evaluator.CocoEvaluator` with faster-coco-eval (update per batch, then
+compute, as
 the trial's reducer runs it on one rank). Baseline: mmdet's `CocoMetric` with pycocotools as
 mmengine's Evaluator drives it (`to_dict` and `process` per batch, then `evaluate`). Both see the
 same generated predictions (bench.coco_data), batch by batch, A and B alternating; the timed
@@ -24,9 +25,9 @@ from mmengine.config import Config
 from mmengine.logging import MMLogger
 
 from bench.coco_data import CLASSES, generate, to_samples
-from utils.eval_plots import draw_report
-from utils.eval_report import evaluation_report, save_report
-from utils.evaluation import CocoEvaluator
+from utils.evaluation.evaluator import CocoEvaluator
+from utils.evaluation.plots import draw_report
+from utils.evaluation.report import evaluation_report, save_report
 
 GOAL = 4.0
 PLOTS_GOAL = 1.05  # the plots add at most a few percent to a validation

@@ -190,8 +190,8 @@ def baseline_server(checkpoint: str, port: int) -> None:
     import mmcv
     from mmdet.apis import DetInferencer
 
-    from utils.export import CONFIG_FILE, MODEL_FILE
-    from utils.predict import find_export
+    from utils.inference.predict import find_export
+    from utils.training.export import CONFIG_FILE, MODEL_FILE
 
     export = find_export(checkpoint)
     inferencer = DetInferencer(

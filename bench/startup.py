@@ -34,7 +34,7 @@ import cv2
 import numpy as np
 
 from bench.training import run_workload
-from utils.files import CACHE_ROOT
+from utils.base.files import CACHE_ROOT
 
 TRAIN_IMAGES, TRAIN_INSTANCES, EMPTY_IMAGES = 118_287, 860_001, 1_021
 COCO_IDS = [i for i in range(1, 91) if i not in (12, 26, 29, 30, 45, 66, 68, 69, 71, 83)]
@@ -118,8 +118,8 @@ def timed(spec: dict[str, Any], scratch: Path) -> dict[str, float]:
 def cold_cache(train: Path) -> None:
     """Forget this host's check of the file and its datasets' orientations: the next run reads
     them as a first run does."""
-    from utils.annotations import CHECKS_DIR, content_digest
-    from utils.data import ORIENTATIONS_DIR
+    from utils.data.annotations import CHECKS_DIR, content_digest
+    from utils.data.sampling import ORIENTATIONS_DIR
 
     (CHECKS_DIR / f"{content_digest(train)}.json").unlink(missing_ok=True)
     shutil.rmtree(ORIENTATIONS_DIR, ignore_errors=True)
@@ -127,7 +127,7 @@ def cold_cache(train: Path) -> None:
 
 def check_alone(path: str) -> dict[str, float]:
     """One rank's check of the file (run in a process of its own)."""
-    from utils.annotations import check_coco_file
+    from utils.data.annotations import check_coco_file
 
     start, cpu = time.perf_counter(), time.process_time()
     report = check_coco_file(Path(path))

@@ -1,6 +1,7 @@
 """Training against mmengine's Runner: seconds per iteration, loader throughput, peak memory.
 
-Both sides build their config the same way (utils.config.build_config from experiments/demo.yaml
+Both sides build their config the same way (utils.config.build.build_config from
+experiments/demo.yaml
 with the overrides below), on the same generated data with the same seed and no random flips: one
 epoch of batches of 2 (128 px images) and the validation that ends it, with the config's data
 loader settings (2 persistent workers). Ours: `model_def.py --local` (Determined's Trainer);

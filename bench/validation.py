@@ -4,7 +4,8 @@ The set (bench.coco_val_data): 5,000 images of COCO's sizes, 100 predictions per
 masks at full image size. Two phases, as a distributed validation runs them:
 
 - update: each of 8 ranks adds the predictions of its images (DistributedSampler's split) in
-  batches of 8, ours (`utils.validation.RankValidation`) and mmdet's `CocoMetric.process` batch
+  batches of 8, ours (`utils.evaluation.validation.RankValidation`) and mmdet's
+  `CocoMetric.process` batch
   by batch in turn, in this process; what each rank then holds is pickled for the next phase;
 - gather and compute: 8 processes per side, each with its rank's part, do what the validation's
   end does. Ours: our trial's `EvaluatorReducer` wrapped by Determined's own reducer context,
@@ -42,8 +43,8 @@ def update_ranks(
     """Every rank's update, ours and mmdet's in turn per batch; seconds per side (all ranks)."""
     from mmdet.evaluation import CocoMetric
 
-    from utils.evaluation import CocoEvaluator
-    from utils.validation import RankValidation
+    from utils.evaluation.evaluator import CocoEvaluator
+    from utils.evaluation.validation import RankValidation
 
     ours = RankValidation(CocoEvaluator(evaluator_cfg(ann_file, metric), "faster_coco_eval"))
     ours.evaluator.set_dataset_meta({"classes": CLASSES})
@@ -134,7 +135,8 @@ def metric_rows(metric: str, ranks: int, sizes: list[dict[str, Any]]) -> list[di
     )
     if metric == "segm":  # from cProfile of ours at 625 images
         details += (
-            ". Profile of ours: the update is the RLE encoding of the masks (utils.mask_rle, "
+            ". Profile of ours: the update is the RLE encoding of the masks "
+            "(utils.evaluation.mask_rle, "
             "memory-bound on 100 full-image masks per image); of the chief's evaluation, "
             "faster-coco-eval's loadRes (area and box of every detection, one call each) takes "
             "about a third, its RLE preparation of detections and ground truth about a third, "

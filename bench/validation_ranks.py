@@ -84,7 +84,7 @@ def ours_end(job: dict[str, Any], rank: int, share: Any) -> dict[str, Any]:
     from determined.pytorch._reducer import _PyTorchReducerContext
 
     from on_determined.trial import EvaluatorReducer
-    from utils.evaluation import CocoEvaluator
+    from utils.evaluation.evaluator import CocoEvaluator
 
     ranks = job["ranks"]
     dist = det.core.DistributedContext(

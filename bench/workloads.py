@@ -36,8 +36,8 @@ def stamp() -> tuple[float, float, float]:
 
 def build_cfg(sets: list[str]) -> Any:
     """The mmdet config our trial builds from demo.yaml with these overrides (one slot)."""
-    from utils import experiment
-    from utils.config import build_config
+    from utils.experiment import load as experiment
+    from utils.training.plan import build_config
 
     exp_conf = experiment.load_experiment(EXPERIMENT, sets)
     return build_config(experiment.local_hparams(exp_conf["hyperparameters"]), exp_conf["data"])
@@ -150,7 +150,7 @@ def load_ours(spec: dict[str, Any]) -> tuple[list[tuple[float, ...]], list[int]]
     from determined import pytorch
 
     import model_def
-    from utils import experiment
+    from utils.experiment import load as experiment
 
     exp_conf = experiment.load_experiment(EXPERIMENT, spec["sets"])
     hparams = experiment.local_hparams(exp_conf["hyperparameters"])

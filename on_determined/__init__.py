@@ -1,6 +1,6 @@
 """Determined as one engine of the training session: the only package that imports `determined`.
 
-- `trial`: the PyTorchTrial wrapping `utils.session.TrainingSession`.
+- `trial`: the PyTorchTrial wrapping `utils.training.session.TrainingSession`.
 - `callbacks`: the trial's callbacks, in one ordered list.
 - `local`: local runs through Determined's Trainer (one process, or one per slot under torchrun).
 - `checkpoints`: Determined checkpoint folders (fetch by UUID, weights, config, export).

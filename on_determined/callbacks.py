@@ -13,14 +13,19 @@ import numpy as np
 from determined import pytorch
 
 from on_determined.evaluation_plots import EvaluationPlots
-from utils import export
-from utils.errors import TrainingStopped
-from utils.eval_report import plot_settings
-from utils.report import RunReport
-from utils.session import TrainingSession
-from utils.tracking import MlflowRun, mlflow_settings
-from utils.validation import VALIDATION_FAILURE
-from utils.visualize import render_samples, sample_indices, save_pngs, visualization_settings
+from utils.base.errors import TrainingStopped
+from utils.evaluation.drawings import (
+    render_samples,
+    sample_indices,
+    save_pngs,
+    visualization_settings,
+)
+from utils.evaluation.report import plot_settings
+from utils.evaluation.validation import VALIDATION_FAILURE
+from utils.training import export
+from utils.training.progress import RunReport
+from utils.training.session import TrainingSession
+from utils.training.tracking import MlflowRun, mlflow_settings
 
 logger = logging.getLogger(__name__)
 
@@ -197,7 +202,7 @@ class PredictionImages(pytorch.PyTorchCallback):
 
 
 class MlflowTracking(pytorch.PyTorchCallback):
-    """Chief only: the trial as an MLflow run (utils/tracking.py)."""
+    """Chief only: the trial as an MLflow run (utils/training/tracking.py)."""
 
     def __init__(
         self, session: TrainingSession, context: pytorch.PyTorchTrialContext, run: MlflowRun

@@ -16,12 +16,12 @@ from typing import Any
 import torch
 from mmengine.config import Config
 
-from utils import export
-from utils.config import build_config
-from utils.errors import ConfigError, DataError, ExportError
-from utils.experiment import environment_variables
-from utils.files import CACHE_ROOT, safe_load, strip_module_prefix
-from utils.tracking import RUN_FILE, MlflowSettings, mlflow_settings
+from utils.base.errors import ConfigError, DataError, ExportError
+from utils.base.files import CACHE_ROOT, safe_load, strip_module_prefix
+from utils.experiment.load import environment_variables
+from utils.training import export
+from utils.training.plan import build_config
+from utils.training.tracking import RUN_FILE, MlflowSettings, mlflow_settings
 
 logger = logging.getLogger(__name__)
 UUID = re.compile(r"[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}")
@@ -50,7 +50,7 @@ def load_determined_weights(checkpoint_dir: Path, averaged: bool = True) -> dict
         raise ExportError(f"{path} holds no models_state_dict: not a PyTorchTrial checkpoint.")
     callbacks = state.get("callbacks") or {}
     ema = callbacks.get("session", {}).get("ema") or callbacks.get("ema")
-    if ema and averaged:  # utils.hooks.EmaWeights.state_dict(): the averaged model's
+    if ema and averaged:  # utils.training.hooks.EmaWeights.state_dict(): the averaged model's
         return {k.removeprefix("module."): v for k, v in ema.items() if k.startswith("module.")}
     return strip_module_prefix(models[0])
 

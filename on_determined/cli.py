@@ -12,12 +12,13 @@ import determined as det
 from determined import pytorch
 
 from on_determined.commands import COMMANDS
+from on_determined.context import context_problem
 from on_determined.local import run_local
 from on_determined.trial import MMDetTrial
-from utils import experiment
-from utils.check import check_experiment
-from utils.config import accumulative_counts
-from utils.errors import USER_ERRORS
+from utils.base.errors import USER_ERRORS
+from utils.check.experiment import check_experiment
+from utils.config.build import accumulative_counts
+from utils.experiment import load as experiment
 
 USAGE = """\
 On a cluster the experiment's entrypoint runs model_def.py:
@@ -78,7 +79,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
 def run_check(experiment_file: str, overrides: list[str]) -> int:
     """Print what the experiment would train, or its problems; returns the exit status."""
     exp_conf = experiment.load_experiment(experiment_file, overrides)
-    summary, problems = check_experiment(exp_conf)
+    summary, problems = check_experiment(exp_conf, file_rule=context_problem)
     print(f"{experiment_file}: {exp_conf.get('name', '')}")
     for line in summary:
         print(f"  {line}")

@@ -16,14 +16,14 @@ from on_determined.checkpoints import (
     export_determined_checkpoint,
     local_checkpoint,
 )
-from utils import evaluate as evaluation
-from utils import predict as prediction
-from utils.coco_curves import CONFUSION_SCORE_THR
-from utils.errors import PredictError
-from utils.eval_report import coco_table, report_lines
-from utils.experiment import load_experiment
-from utils.export import CONFIG_FILE, MODEL_FILE
-from utils.inputs import collect_inputs
+from utils.base.errors import PredictError
+from utils.evaluation.curves import CONFUSION_SCORE_THR
+from utils.evaluation.report import coco_table, report_lines
+from utils.experiment.load import load_experiment
+from utils.inference import evaluate as evaluation
+from utils.inference import predict as prediction
+from utils.inference.inputs import collect_inputs
+from utils.training.export import CONFIG_FILE, MODEL_FILE
 
 BATCH_HELP = (
     "images per forward pass (default: the config's validation batch, with which the metrics "

@@ -1,5 +1,6 @@
 """The evaluation plots after each validation, as a trial callback: the chief draws them from the
-COCO evaluation that has just run (utils/eval_report.py, utils/eval_plots.py), into TensorBoard
+COCO evaluation that has just run (utils/evaluation/report.py, utils/evaluation/plots.py), into
+TensorBoard
 (`evaluation/<plot>`, at the batch count) and into the next checkpoint (`evaluation/`: the PNGs and
 `report.json`, the numbers behind them)."""
 
@@ -13,10 +14,10 @@ from typing import Any
 import numpy as np
 from determined import pytorch
 
-from utils.eval_plots import draw_report
-from utils.eval_report import REPORT_DIR, evaluation_report, report_lines, save_report
-from utils.session import TrainingSession
-from utils.validation import VALIDATION_FAILURE
+from utils.evaluation.plots import draw_report
+from utils.evaluation.report import REPORT_DIR, evaluation_report, report_lines, save_report
+from utils.evaluation.validation import VALIDATION_FAILURE
+from utils.training.session import TrainingSession
 
 logger = logging.getLogger(__name__)
 

@@ -18,12 +18,12 @@ from determined import pytorch
 
 from on_determined.callbacks import CheckpointFirst, ValidationFailed
 from on_determined.trial import MMDetTrial
-from utils import experiment
-from utils.config import accumulative_counts
-from utils.errors import ExperimentError
-from utils.keys import check_experiment_keys
-from utils.report import METRICS_FILE, print_final_validation
-from utils.resumable import check_resumable
+from utils.base.errors import ExperimentError
+from utils.config.build import accumulative_counts
+from utils.experiment import load as experiment
+from utils.training.keys import check_experiment_keys
+from utils.training.progress import METRICS_FILE, print_final_validation
+from utils.training.resumable import check_resumable
 
 
 def local_distributed() -> det.core.DistributedContext | None:

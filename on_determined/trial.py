@@ -1,6 +1,7 @@
 """The PyTorchTrial: Determined's way of driving the engine-free training session.
 
-Every step hands over to `utils.session.TrainingSession`; what is left here is Determined's:
+Every step hands over to `utils.training.session.TrainingSession`; what is left here is
+Determined's:
 wrapping the model, optimizer, scaler and LR schedule so that its Trainer steps, syncs and
 checkpoints them, its data loaders, and the callbacks (`on_determined/callbacks.py`).
 
@@ -22,11 +23,11 @@ import determined as det
 from determined import pytorch
 
 from on_determined.callbacks import build_callbacks
-from utils.evaluation import CocoEvaluator
-from utils.files import allow_numpy_globals
-from utils.plan import RunPlan, config_seed, plan_run
-from utils.session import TrainingSession
-from utils.validation import RankValidation, combine, failure_keeping_loader
+from utils.base.files import allow_numpy_globals
+from utils.evaluation.evaluator import CocoEvaluator
+from utils.evaluation.validation import RankValidation, combine, failure_keeping_loader
+from utils.training.plan import RunPlan, config_seed, plan_run
+from utils.training.session import TrainingSession
 
 
 class EvaluatorReducer(pytorch.MetricReducer):

@@ -5,7 +5,7 @@ import sys
 from on_ray.cli import main
 
 if __name__ == "__main__":
-    from utils.errors import USER_ERRORS
+    from utils.base.errors import USER_ERRORS
 
     try:
         main(sys.argv[1:])

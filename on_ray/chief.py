@@ -13,11 +13,16 @@ import numpy as np
 from torch.utils.tensorboard import SummaryWriter
 
 from on_ray.spec import WorkerSpec
-from utils.report import METRICS_FILE, RunReport
-from utils.session import TrainingSession
-from utils.tracking import RUN_FILE, MlflowRun, mlflow_settings
-from utils.validation import VALIDATION_FAILURE
-from utils.visualize import render_samples, sample_indices, save_pngs, visualization_settings
+from utils.evaluation.drawings import (
+    render_samples,
+    sample_indices,
+    save_pngs,
+    visualization_settings,
+)
+from utils.evaluation.validation import VALIDATION_FAILURE
+from utils.training.progress import METRICS_FILE, RunReport
+from utils.training.session import TrainingSession
+from utils.training.tracking import RUN_FILE, MlflowRun, mlflow_settings
 
 logger = logging.getLogger(__name__)
 

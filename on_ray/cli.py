@@ -11,7 +11,7 @@ from typing import Any
 
 from on_ray.serve_cli import arguments as serve_arguments
 from on_ray.serve_cli import serve
-from utils.versions import RAY_CHECKED, check_versions
+from utils.base.versions import RAY_CHECKED, check_versions
 
 USAGE = """\
 One run of an experiment on Ray Train (a local Ray, or a cluster's with --address):

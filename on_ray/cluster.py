@@ -8,8 +8,8 @@ from typing import Any
 
 import ray
 
-from utils.config import REPO_ROOT
-from utils.errors import USER_ERRORS, ExperimentError
+from utils.base.errors import USER_ERRORS, ExperimentError
+from utils.config.build import REPO_ROOT
 
 # A local Ray on a small machine: the object store holds only checkpoints' small messages.
 LOCAL_OBJECT_STORE = 200 * 1024 * 1024

@@ -25,9 +25,9 @@ from starlette.responses import Response
 from on_ray.cluster import LOCAL_OBJECT_STORE
 from on_ray.serve_http import Settings, handle
 from on_ray.serve_model import Outcome, Request, ServingModel
-from utils.errors import PredictError
-from utils.files import CACHE_ROOT
-from utils.predict import find_export
+from utils.base.errors import PredictError
+from utils.base.files import CACHE_ROOT
+from utils.inference.predict import find_export
 
 APP_NAME = "detector"
 # Where on_determined.checkpoints.local_checkpoint keeps the checkpoints it fetched by UUID

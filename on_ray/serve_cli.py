@@ -75,7 +75,7 @@ def arguments(parser: argparse.ArgumentParser, positive_int: Callable[[str], int
 def serve(args: argparse.Namespace) -> None:
     """Serve until Ctrl-C."""
     from on_ray import serve as serving
-    from utils.errors import PredictError
+    from utils.base.errors import PredictError
 
     if not 0 <= args.score_thr <= 1:
         raise PredictError(f"--score-thr {args.score_thr}: use a number from 0 to 1.")

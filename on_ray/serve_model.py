@@ -25,9 +25,9 @@ from mmdet.utils import get_test_pipeline_cfg
 from mmengine.dataset import pseudo_collate
 
 from on_ray.serve_api import SEND, ApiError, Options, Outcome, Request
-from utils.mask_rle import encode_masks
-from utils.predict import load_detector
-from utils.visualize import draw_sample
+from utils.evaluation.drawings import draw_sample
+from utils.evaluation.mask_rle import encode_masks
+from utils.inference.predict import load_detector
 
 logger = logging.getLogger(__name__)
 

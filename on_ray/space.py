@@ -11,7 +11,7 @@ import numpy as np
 from ray import tune
 from ray.tune.schedulers import ASHAScheduler, FIFOScheduler, TrialScheduler
 
-from utils.errors import ExperimentError
+from utils.base.errors import ExperimentError
 
 SEARCHERS = ("single", "random", "grid", "adaptive_asha")
 SEARCH_ALGS = ("random", "hyperopt", "optuna")

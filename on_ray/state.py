@@ -18,10 +18,10 @@ from typing import Any
 import numpy as np
 import torch
 
-from utils import export
-from utils.errors import ExperimentError
-from utils.files import safe_load
-from utils.session import TrainingSession
+from utils.base.errors import ExperimentError
+from utils.base.files import safe_load
+from utils.training import export
+from utils.training.session import TrainingSession
 
 STATE_FILE = "training_state.pth"
 METADATA_FILE = "metadata.json"

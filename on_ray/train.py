@@ -22,13 +22,13 @@ from ray.train.torch import TorchConfig, TorchTrainer
 from on_ray import cluster, state
 from on_ray.spec import WorkerSpec
 from on_ray.worker import run_worker
-from utils import experiment
-from utils.errors import TrainingStopped
-from utils.keys import check_experiment_keys
-from utils.plan import plan_run
-from utils.report import METRICS_FILE, print_final_validation
-from utils.resumable import check_resumable
-from utils.validation import VALIDATION_FAILURE
+from utils.base.errors import TrainingStopped
+from utils.evaluation.validation import VALIDATION_FAILURE
+from utils.experiment import load as experiment
+from utils.training.keys import check_experiment_keys
+from utils.training.plan import plan_run
+from utils.training.progress import METRICS_FILE, print_final_validation
+from utils.training.resumable import check_resumable
 
 
 def train_loop(config: dict[str, Any]) -> None:

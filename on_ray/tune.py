@@ -28,9 +28,9 @@ from on_ray.space import Search, plan_search, search_space
 from on_ray.spec import WorkerSpec
 from on_ray.train import train_loop
 from on_ray.worker import run_worker
-from utils import experiment
-from utils.keys import check_experiment_keys
-from utils.plan import plan_run
+from utils.experiment import load as experiment
+from utils.training.keys import check_experiment_keys
+from utils.training.plan import plan_run
 
 
 def tune_trial(config: dict[str, Any], spec: WorkerSpec, workers: int, use_gpu: bool) -> None:

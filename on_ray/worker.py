@@ -24,10 +24,15 @@ from torch.utils.data import BatchSampler, DataLoader, SequentialSampler
 from on_ray import state
 from on_ray.chief import ChiefLog
 from on_ray.spec import WorkerSpec
-from utils.files import allow_numpy_globals
-from utils.plan import config_seed, plan_run
-from utils.session import TrainingSession
-from utils.validation import VALIDATION_FAILURE, RankValidation, combine, failure_keeping_loader
+from utils.base.files import allow_numpy_globals
+from utils.evaluation.validation import (
+    VALIDATION_FAILURE,
+    RankValidation,
+    combine,
+    failure_keeping_loader,
+)
+from utils.training.plan import config_seed, plan_run
+from utils.training.session import TrainingSession
 
 # report(metrics, checkpoint folder or None): Ray's train or tune report, called on every rank.
 Report = Callable[[dict[str, Any], "Path | None"], None]
@@ -142,7 +147,8 @@ def validate(
     chief: ChiefLog | None,
 ) -> dict[str, Any]:
     """Every rank predicts its share; the chief evaluates them all once; all get its metrics.
-    A failure on any rank becomes the chief's VALIDATION_FAILURE (utils/validation.py)."""
+    A failure on any rank becomes the chief's VALIDATION_FAILURE
+    (utils/evaluation/validation.py)."""
     session.before_validation()
     session.model.eval()
     validation.reset()

@@ -66,4 +66,4 @@ if ! command -v chromium >/dev/null; then
   fi
 fi
 
-"$VENV/bin/python" -m utils.versions
+"$VENV/bin/python" -m utils.base.versions

@@ -26,7 +26,7 @@ def synthetic_cache(tmp_path_factory: pytest.TempPathFactory) -> Path:
 @pytest.fixture
 def coco(tmp_path: Path, synthetic_cache: Path) -> Path:
     """A writable copy of the tiny generated COCO dataset (3 classes), for tests that damage it."""
-    from utils.synthetic import SyntheticSpec, ensure_dataset
+    from utils.data.synthetic import SyntheticSpec, ensure_dataset
 
     source = ensure_dataset(synthetic_cache, SyntheticSpec(**TINY_SYNTHETIC))
     shutil.copytree(source, tmp_path / "coco")

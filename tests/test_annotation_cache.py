@@ -9,9 +9,9 @@ from pathlib import Path
 
 import pytest
 
-from utils import annotations
-from utils.annotations import check_coco_file
-from utils.errors import AnnotationError
+from utils.base.errors import AnnotationError
+from utils.data import annotations
+from utils.data.annotations import check_coco_file
 
 
 def coco(images: int, width: int = 64) -> dict:

@@ -17,10 +17,10 @@ from mmdet.registry import DATASETS
 from mmdet.utils import register_all_modules
 
 from tests.conftest import disk_data, train
-from utils.annotations import AnnotationError
-from utils.config import build_config
-from utils.data import ImageError, LoudDataset
-from utils.datasource import DataError
+from utils.data.annotations import AnnotationError
+from utils.data.sampling import ImageError, LoudDataset
+from utils.data.source import DataError
+from utils.training.plan import build_config
 
 CONFIG = {"config_file": "configs/synthetic/maskrcnn_r18_fpn_synthetic.py", "global_batch_size": 2}
 

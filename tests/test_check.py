@@ -10,10 +10,10 @@ from pathlib import Path
 import pytest
 
 import model_def
+from on_determined.context import context_problem
 from tests.conftest import disk_data
-from utils.check import check_experiment
-from utils.context import context_problem
-from utils.experiment import load_experiment
+from utils.check.experiment import check_experiment
+from utils.experiment.load import load_experiment
 
 REPO = Path(__file__).resolve().parent.parent
 EXPERIMENTS = sorted((REPO / "experiments").glob("*.yaml"))
@@ -322,7 +322,7 @@ def test_config_outside_the_uploaded_context_is_a_problem(
     name = name.format(tmp=tmp_path, repo=REPO, dir=REPO.name)
     exp = maskrcnn()
     exp["hyperparameters"]["merge_config"] = name
-    _, problems = check_experiment(exp)
+    _, problems = check_experiment(exp, file_rule=context_problem)
     hits = [p for p in problems if p.startswith(f"hyperparameters.merge_config: {name} ")]
     assert hits and message in hits[0], problems
     assert "Determined uploads" in hits[0] or "container" in hits[0] or "configs/" in hits[0]
@@ -336,4 +336,4 @@ def test_configs_in_the_repository_and_mmdet_configs_are_uploaded() -> None:
         assert context_problem("config_file", name, REPO / name) is None
     exp = maskrcnn()
     exp["hyperparameters"]["config_file"] = "mmdet::mask_rcnn/mask-rcnn_r50_fpn_1x_coco.py"
-    assert check_experiment(exp)[1] == []
+    assert check_experiment(exp, file_rule=context_problem)[1] == []

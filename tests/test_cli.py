@@ -12,7 +12,7 @@ import pytest
 
 import model_def
 from tests.conftest import TINY_SYNTHETIC
-from utils.config import build_config
+from utils.training.plan import build_config
 
 REPO = Path(__file__).resolve().parent.parent
 DEMO = str(REPO / "experiments" / "demo.yaml")

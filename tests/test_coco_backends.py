@@ -23,9 +23,9 @@ from pycocotools.coco import COCO
 from pycocotools.cocoeval import COCOeval
 
 from bench.coco_data import CATEGORY_IDS, CLASSES, generate, to_samples
-from utils.coco_metric import encode_cropped, encode_masks
-from utils.config import ConfigError
-from utils.evaluation import COCO_ITEMS, CocoEvaluator
+from utils.base.errors import ConfigError
+from utils.evaluation.coco_metric import encode_cropped, encode_masks
+from utils.evaluation.evaluator import COCO_ITEMS, CocoEvaluator
 
 NUM_IMAGES = 60
 

@@ -6,10 +6,11 @@ from pathlib import Path
 import pytest
 from mmengine.config import Config
 
-from utils.config import ConfigError, build_config, resolve_config_path
-from utils.datasource import DataError, drop_pretrained
-from utils.experiment import load_experiment, local_hparams
-from utils.plan import plan_run
+from utils.base.errors import ConfigError
+from utils.config.build import resolve_config_path
+from utils.data.source import DataError, drop_pretrained
+from utils.experiment.load import load_experiment, local_hparams
+from utils.training.plan import build_config, plan_run
 
 REPO = Path(__file__).resolve().parent.parent
 DEMO = "configs/synthetic/maskrcnn_r18_fpn_synthetic.py"

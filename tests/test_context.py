@@ -47,7 +47,7 @@ def test_checkout_with_runs_data_and_caches_uploads_under_1_mb(tmp_path: Path) -
     assert sum(files.values()) < LIMIT, sorted(files.items(), key=lambda kv: -kv[1])[:5]
     ignored = (".venv/", "runs/", "data/", "utils/__pycache__/", ".pytest_cache/", "weights.pth")
     assert not [path for path in files if path.startswith(ignored)]
-    for needed in ("model_def.py", "utils/config.py", "startup-hook.sh", "requirements.lock"):
+    for needed in ("model_def.py", "utils/config/build.py", "startup-hook.sh", "requirements.lock"):
         assert needed in files
     assert any(path.startswith("configs/") for path in files)
     assert not any(path.startswith("tests/") for path in files)

@@ -5,7 +5,7 @@ import random
 import numpy as np
 import pytest
 
-from utils.data import GroupedBatchSampler, SeededDataset
+from utils.data.sampling import GroupedBatchSampler, SeededDataset
 
 
 class Shapes:
@@ -130,7 +130,7 @@ class Listed:
 def test_orientations_are_kept_per_host_by_the_datasets_content(
     tmp_path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    from utils import data
+    from utils.data import sampling as data
 
     monkeypatch.setattr(data, "ORIENTATIONS_DIR", tmp_path)
     expected = np.array([h > w for w, h in SIZES])

@@ -9,7 +9,7 @@ import sys
 import tomllib
 from pathlib import Path
 
-from utils import versions
+from utils.base import versions
 
 ROOT = Path(__file__).resolve().parent.parent
 DOCKERFILE = ROOT / "docker" / "Dockerfile"
@@ -18,8 +18,8 @@ DOCKERIGNORE = ROOT / ".dockerignore"
 SETUP_SCRIPT = ROOT / "scripts" / "setup_env.sh"
 # Determined uploads the training code with each experiment; the image must not carry a copy.
 TRAINING_CODE = ("model_def.py", "configs", "experiments")
-# The only part of utils/ the set-up needs (its final `python -m utils.versions`).
-SETUP_UTILS = {"utils/__init__.py", "utils/versions.py"}
+# The only part of utils/ the set-up needs (its final `python -m utils.base.versions`).
+SETUP_UTILS = {"utils/__init__.py", "utils/base/__init__.py", "utils/base/versions.py"}
 
 
 def instructions() -> list[tuple[str, str]]:

@@ -20,12 +20,12 @@ from pycocotools.coco import COCO
 from pycocotools.cocoeval import COCOeval
 
 from bench.coco_data import CATEGORY_IDS, CLASSES, generate, to_samples
-from utils.check import hparam_problems
-from utils.coco_curves import SEARCH_THRESHOLDS, _per_class_at
-from utils.errors import ConfigError
-from utils.eval_plots import draw_confusion_matrix, draw_report
-from utils.eval_report import evaluation_report, plot_settings, report_lines, save_report
-from utils.evaluation import CocoEvaluator
+from utils.base.errors import ConfigError
+from utils.check.experiment import hparam_problems
+from utils.evaluation.curves import SEARCH_THRESHOLDS, _per_class_at
+from utils.evaluation.evaluator import CocoEvaluator
+from utils.evaluation.plots import draw_confusion_matrix, draw_report
+from utils.evaluation.report import evaluation_report, plot_settings, report_lines, save_report
 
 SCORE_THR = 0.3
 

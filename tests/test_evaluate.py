@@ -18,7 +18,7 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 
 import model_def
 from tests.conftest import TINY_SYNTHETIC, disk_data, train
-from utils import synthetic
+from utils.data import synthetic
 
 CONFIG = "configs/synthetic/maskrcnn_r18_fpn_synthetic.py"
 SIZES = ((128, 128), (160, 96), (96, 144), (200, 120))  # width, height

@@ -14,8 +14,8 @@ from pycocotools import mask as mask_utils
 from pycocotools.coco import COCO
 from pycocotools.cocoeval import COCOeval
 
-from utils.config import build_config
-from utils.evaluation import COCO_ITEMS, CocoEvaluator, flatten_metrics
+from utils.evaluation.evaluator import COCO_ITEMS, CocoEvaluator, flatten_metrics
+from utils.training.plan import build_config
 
 DEMO = "configs/synthetic/maskrcnn_r18_fpn_synthetic.py"
 

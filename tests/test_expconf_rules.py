@@ -1,4 +1,4 @@
-"""utils/expconf_rules.py against Determined 0.38.1's own schemas: the rules accept exactly what
+"""utils/experiment/rules.py against Determined 0.38.1's own schemas: the rules accept exactly what
 the master's sanity check accepts in `searcher`, `hyperparameters` and `resources`.
 
 Two sources of configs: Determined's schema test cases that concern those sections, and
@@ -17,7 +17,7 @@ import pytest
 import yaml
 
 from tests.expconf import EXPCONF_DIR, completeness_errors, sanity_errors
-from utils import expconf_rules as rules
+from utils.experiment import rules as rules
 
 if not (EXPCONF_DIR / "test_cases" / "v0").is_dir():
     pytest.skip(

@@ -5,7 +5,7 @@ from pathlib import Path
 
 import pytest
 
-from utils.experiment import ExperimentError, load_experiment, local_hparams, training_length
+from utils.experiment.load import ExperimentError, load_experiment, local_hparams, training_length
 
 REPO = Path(__file__).resolve().parent.parent
 

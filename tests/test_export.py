@@ -18,7 +18,7 @@ from mmengine.config import Config
 from mmengine.dataset import pseudo_collate
 
 import model_def
-from utils.config import build_config
+from utils.training.plan import build_config
 
 REPO = Path(__file__).resolve().parent.parent
 

@@ -34,8 +34,8 @@ from torch.utils.data import DataLoader, Dataset
 
 import utils
 from tests.conftest import train
-from utils import gcs
-from utils.synthetic import CLASSES, MARKER, SyntheticSpec, ensure_dataset
+from utils.data import gcs
+from utils.data.synthetic import CLASSES, MARKER, SyntheticSpec, ensure_dataset
 
 BUCKET = "test-bucket"
 PREFIX = "coco"
@@ -177,14 +177,15 @@ def _images(root: Path) -> list[str]:
 
 
 def test_importing_does_not_register_the_backend(monkeypatch: pytest.MonkeyPatch) -> None:
-    """A fresh import of utils.gcs only defines the backend; `register_gcs_backend` registers it
+    """A fresh import of utils.data.gcs only defines the backend; `register_gcs_backend` registers
+    it
     (again without failing). The registry and the modules are restored afterwards."""
     monkeypatch.delitem(backends, "gcs")
     monkeypatch.delitem(prefix_to_backends, "gs")
     for name in ("gcs", "gcs_client"):
         monkeypatch.delitem(sys.modules, f"utils.{name}")
         monkeypatch.delattr(utils, name)
-    fresh = importlib.import_module("utils.gcs")
+    fresh = importlib.import_module("utils.data.gcs")
     assert fresh is not gcs
     assert "gcs" not in backends and "gs" not in prefix_to_backends
     fresh.register_gcs_backend()

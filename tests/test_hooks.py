@@ -16,10 +16,10 @@ from mmengine.config import Config
 from on_determined.checkpoints import load_determined_weights
 from on_determined.local import free_ports
 from tests.conftest import TINY_SYNTHETIC, train
-from utils.check import check_experiment
-from utils.config import ConfigError
-from utils.experiment import load_experiment
-from utils.hooks import PipelineSchedule, plan_hooks, runner_environment, sync_norms
+from utils.base.errors import ConfigError
+from utils.check.experiment import check_experiment
+from utils.experiment.load import load_experiment
+from utils.training.hooks import PipelineSchedule, plan_hooks, runner_environment, sync_norms
 
 REPO = Path(__file__).resolve().parent.parent
 HOOKS = """

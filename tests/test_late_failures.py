@@ -21,10 +21,10 @@ from mmengine.logging import MMLogger
 
 from on_determined.callbacks import ValidationFailed
 from tests.conftest import REPO, TINY_SYNTHETIC, disk_data, train
-from utils.config import resolve_config_path
-from utils.errors import ConfigError, DataError
-from utils.preflight import evaluation_problems, predicts_masks
-from utils.session import INIT_LOG_VARIABLE, init_weights
+from utils.base.errors import ConfigError, DataError
+from utils.config.build import resolve_config_path
+from utils.evaluation.preflight import evaluation_problems, predicts_masks
+from utils.training.session import INIT_LOG_VARIABLE, init_weights
 
 RETINANET = "configs/synthetic/retinanet_r18_fpn_synthetic.py"
 
@@ -125,7 +125,7 @@ def test_coco_settings_the_engine_cannot_compute_are_named() -> None:
 def test_iou_thresholds_given_as_a_list_are_computed(tmp_path: Path, backend: str) -> None:
     """A config's list of thresholds crashed both engines (`iouThr == list` is one bool)."""
     from bench.coco_data import CLASSES, generate, to_samples
-    from utils.evaluation import CocoEvaluator
+    from utils.evaluation.evaluator import CocoEvaluator
 
     register_all_modules(init_default_scope=True)
     data = generate(4, image_size=128, seed=3)

@@ -1,6 +1,6 @@
 """The house's boundaries: only on_determined/ imports Determined and only on_ray/ imports Ray,
-utils/ imports no engine, the package's modules import each other without a cycle, and library
-modules stay small."""
+utils/ imports no engine and is layered (each of its packages imports only the ones below it),
+the package's modules import each other without a cycle, and library modules stay small."""
 
 from __future__ import annotations
 
@@ -12,6 +12,8 @@ import pytest
 REPO = Path(__file__).resolve().parent.parent
 PACKAGES = ("utils", "on_determined", "on_ray")
 ENGINES = {"determined", "ray"}
+# utils/'s packages from the bottom up: each imports only those before it (and itself).
+LAYERS = ("base", "experiment", "config", "data", "evaluation", "training", "inference", "check")
 
 
 def sources() -> list[Path]:
@@ -32,7 +34,7 @@ def imported_modules(path: Path) -> set[str]:
             names.update(alias.name for alias in node.names)
         elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
             names.add(node.module)
-            # `from utils import gcs` imports the module utils.gcs.
+            # `from utils.data import gcs` imports the module utils.data.gcs.
             names.update(f"{node.module}.{alias.name}" for alias in node.names)
     return names
 
@@ -56,14 +58,34 @@ def test_utils_imports_no_engine() -> None:
         assert not engines, f"{path.relative_to(REPO)} imports {engines}"
 
 
+def test_utils_is_layered() -> None:
+    loose = sorted(p.name for p in (REPO / "utils").glob("*.py") if p.name != "__init__.py")
+    assert not loose, f"utils/ holds only its layer packages; put {loose} in one"
+    assert {
+        p.name for p in (REPO / "utils").iterdir() if p.is_dir() and p.name != "__pycache__"
+    } == set(LAYERS)
+    upward = []
+    for path in (REPO / "utils").rglob("*.py"):
+        parts = path.relative_to(REPO).parts
+        if len(parts) < 3:
+            continue
+        own = LAYERS.index(parts[1])
+        for name in imported_modules(path):
+            layer = name.split(".")[1] if name.startswith("utils.") else None
+            if layer in LAYERS and LAYERS.index(layer) > own:
+                upward.append(f"{path.relative_to(REPO)} imports {name}")
+            assert name.split(".")[0] not in ("on_determined", "on_ray"), f"{path} imports {name}"
+    assert not upward, upward
+
+
 def test_no_import_cycle() -> None:
     modules = {module_name(p): p for p in sources()}
     graph = {
         name: {m for m in imported_modules(path) if m in modules and m != name}
         for name, path in modules.items()
     }
-    assert graph["on_determined.trial"] >= {"utils.session", "on_determined.callbacks"}
-    assert graph["on_ray.worker"] >= {"utils.session", "on_ray.chief"}
+    assert graph["on_determined.trial"] >= {"utils.training.session", "on_determined.callbacks"}
+    assert graph["on_ray.worker"] >= {"utils.training.session", "on_ray.chief"}
     state: dict[str, str] = {}
 
     def visit(name: str, trail: list[str]) -> None:

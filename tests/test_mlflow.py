@@ -22,8 +22,8 @@ import pytest
 import yaml
 
 from tests.conftest import REPO, TINY_SYNTHETIC, train
-from utils.experiment import ExperimentError, environment_variables
-from utils.tracking import TrackingError, looks_secret, mlflow_settings, redact
+from utils.experiment.load import ExperimentError, environment_variables
+from utils.training.tracking import TrackingError, looks_secret, mlflow_settings, redact
 
 CONFIG = "configs/synthetic/retinanet_r18_fpn_synthetic.py"
 PASSWORDS = ("URI-PASSWORD", "URL-PASSWORD", "HPARAM-TOKEN")  # must appear nowhere in MLflow
@@ -190,7 +190,7 @@ def test_params_that_look_secret_are_not_logged(mlflow_server: str) -> None:
     secret are the logged tree's own: a secret-looking name is left out, a URL's login hidden."""
     from mlflow.tracking import MlflowClient
 
-    from utils.tracking import MlflowRun, MlflowSettings
+    from utils.training.tracking import MlflowRun, MlflowSettings
 
     run = MlflowRun(MlflowSettings(mlflow_server, "mlflow-test-params"))
     with _captured_output() as output:
@@ -263,7 +263,7 @@ def test_evaluate_logs_into_the_training_run(
     from mlflow.tracking import MlflowClient
 
     import model_def
-    from utils import synthetic
+    from utils.data import synthetic
 
     root = synthetic.ensure_dataset(synthetic_cache, synthetic.SyntheticSpec(**TINY_SYNTHETIC))
     ann_file = root / "annotations" / "instances_val.json"
@@ -458,7 +458,7 @@ def test_section_under_data_passes_determineds_schema() -> None:
 def test_unreachable_server_stops_the_start_naming_the_setting(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    from utils.tracking import MlflowRun, MlflowSettings
+    from utils.training.tracking import MlflowRun, MlflowSettings
 
     monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
     run = MlflowRun(MlflowSettings(f"http://u:URI-PASSWORD@127.0.0.1:{_free_port()}", "e"))

@@ -9,7 +9,7 @@ import torch
 from mmengine.config import Config
 from mmengine.registry import PARAM_SCHEDULERS
 
-from utils.optim import ParamSchedulers, amp_settings, build_optimizer, clip_gradients
+from utils.training.optim import ParamSchedulers, amp_settings, build_optimizer, clip_gradients
 
 EPOCH_LENGTH = 37
 EPOCHS = 12

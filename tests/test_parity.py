@@ -1,6 +1,6 @@
 """Parity with MMDetection's own training: mmengine's Runner and our trial, iteration by iteration.
 
-Both train from the config our trial builds (utils.config.build_config with the same
+Both train from the config our trial builds (utils.config.build.build_config with the same
 hyperparameters and data section), on the same generated data with the same seed: mmengine's
 Runner as mmdet's tools/train.py runs it (`Runner.from_cfg(cfg).train()`), and our trial through
 Determined's Trainer (`model_def.py --local`). Every loss term and the LR of the first 20
@@ -24,10 +24,10 @@ from mmengine.runner import Runner
 
 import model_def
 from on_determined.checkpoints import load_determined_weights
-from utils import experiment
-from utils.coco_metric import BackendCocoMetric
-from utils.config import build_config
-from utils.data import GroupedBatchSampler, LoaderSeedDraws
+from utils.data.sampling import GroupedBatchSampler, LoaderSeedDraws
+from utils.evaluation.coco_metric import BackendCocoMetric
+from utils.experiment import load as experiment
+from utils.training.plan import build_config
 
 REPO = Path(__file__).resolve().parent.parent
 # Our metric for the Runner too, so that both report the same unrounded statistics.

@@ -12,7 +12,7 @@ from pycocotools.cocoeval import COCOeval
 
 import model_def
 from tests.conftest import TINY_SYNTHETIC
-from utils import synthetic
+from utils.data import synthetic
 
 COCO_NAMES = ("mAP", "mAP_50", "mAP_75", "mAP_s", "mAP_m", "mAP_l", "AR_100", "AR_300", "AR_1000")
 COCO_NAMES += ("AR_s_1000", "AR_m_1000", "AR_l_1000")

@@ -18,7 +18,7 @@ from tests.conftest import REPO, SGD_SETS
 from tests.faults import die_once
 from tests.test_distributed import DATA, GFL, TOY, losses
 from tests.test_distributed import run as determined_run
-from utils.errors import ExperimentError
+from utils.base.errors import ExperimentError
 
 ray = pytest.importorskip("ray")
 from on_ray import state  # noqa: E402

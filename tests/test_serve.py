@@ -49,7 +49,7 @@ def images(synthetic_cache: Path, tmp_path_factory: pytest.TempPathFactory) -> l
     """Four 128 px validation images of the trained run's data, then copies of other sizes:
     200 x 120 and 96 x 160 (padded to other shapes than 128 x 128) and 256 x 256 (resized to
     128 px: the answer's boxes are in its own pixels)."""
-    from utils.synthetic import SyntheticSpec, ensure_dataset
+    from utils.data.synthetic import SyntheticSpec, ensure_dataset
 
     root = ensure_dataset(synthetic_cache, SyntheticSpec(**TINY_SYNTHETIC))
     sources = sorted((root / "val").glob("*.png"))[:4]
@@ -137,8 +137,8 @@ def test_answers_equal_predict(
     server: str, checkpoint: Path, images: list[Path], tmp_path: Path
 ) -> None:
     """Every image of a mixed-size batch gets what predict (batch 1) writes for it."""
-    from utils.inputs import collect_inputs
-    from utils.predict import find_export, predict
+    from utils.inference.inputs import collect_inputs
+    from utils.inference.predict import find_export, predict
 
     predict(find_export(checkpoint), collect_inputs([str(p) for p in images]), tmp_path, 1,
             device="cpu", max_rendered=0)  # fmt: skip
@@ -172,8 +172,8 @@ def test_an_answer_does_not_depend_on_its_batch(
 ) -> None:
     """A 200 x 120 image (padded to 96 x 128) gets the same answer alone and batched with
     128 x 128 images, which mmdet's own batching would pad it to."""
-    from utils.inputs import collect_inputs
-    from utils.predict import find_export, predict
+    from utils.inference.inputs import collect_inputs
+    from utils.inference.predict import find_export, predict
 
     wide = images[4].read_bytes()
     alone = post(server, wide, "?score_thr=0")

@@ -8,9 +8,9 @@ from pathlib import Path
 import pytest
 
 from tests.conftest import REPO, SGD_SETS, train
-from utils.experiment import load_experiment, local_hparams
-from utils.plan import config_seed, plan_run
-from utils.session import TrainingSession
+from utils.experiment.load import load_experiment, local_hparams
+from utils.training.plan import config_seed, plan_run
+from utils.training.session import TrainingSession
 
 CONFIG = "configs/synthetic/retinanet_r18_fpn_synthetic.py"
 BATCHES = 3

@@ -12,8 +12,8 @@ import numpy as np
 import pytest
 from pycocotools.coco import COCO
 
-from utils import synthetic
-from utils.synthetic import CLASSES, MARKER, SyntheticSpec, ensure_dataset, generate
+from utils.data import synthetic
+from utils.data.synthetic import CLASSES, MARKER, SyntheticSpec, ensure_dataset, generate
 
 # pycocotools 2.0.11 decodes masks with numpy 2 in a deprecated way; not ours to fix here.
 pytestmark = pytest.mark.filterwarnings("ignore:__array__ implementation:DeprecationWarning")

@@ -13,7 +13,7 @@ from mmdet.registry import TRANSFORMS
 
 import model_def
 from tests.conftest import TINY_SYNTHETIC, train
-from utils.synthetic import CLASSES
+from utils.data.synthetic import CLASSES
 
 REPO = Path(__file__).resolve().parent.parent
 COCO_NAMES = ("mAP", "mAP_50", "mAP_75", "mAP_s", "mAP_m", "mAP_l", "AR_100", "AR_300", "AR_1000")
@@ -169,7 +169,7 @@ def test_non_finite_loss_stops_and_keeps_the_last_checkpoint(
 
 def test_custom_coco_with_gaps_in_category_ids(tmp_path: Path, synthetic_cache: Path) -> None:
     """Category ids 3, 7, 11, a crowd region and an image without objects: trains and validates."""
-    from utils.synthetic import SyntheticSpec, ensure_dataset
+    from utils.data.synthetic import SyntheticSpec, ensure_dataset
 
     source = ensure_dataset(synthetic_cache, SyntheticSpec(**TINY_SYNTHETIC))
     root = tmp_path / "custom"
@@ -208,7 +208,7 @@ def test_custom_coco_with_gaps_in_category_ids(tmp_path: Path, synthetic_cache: 
     # mmdet maps the file's ids to contiguous labels by name, and the crowd box is ignored.
     from mmdet.registry import DATASETS
 
-    from utils.config import build_config
+    from utils.training.plan import build_config
 
     cfg = build_config({"config_file": config, "global_batch_size": 4}, data)
     dataset = DATASETS.build(cfg.val_dataloader.dataset)

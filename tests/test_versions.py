@@ -4,7 +4,7 @@ import importlib.metadata as md
 
 import pytest
 
-from utils import versions
+from utils.base import versions
 
 
 def test_installed_stack_matches_the_lock() -> None:

@@ -15,9 +15,9 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 
 import model_def  # noqa: F401  (checks the pinned stack before mmdet is used)
 from tests.conftest import train
-from utils.check import hparam_problems
-from utils.config import ConfigError
-from utils.visualize import draw_sample, sample_indices, visualization_settings
+from utils.base.errors import ConfigError
+from utils.check.experiment import hparam_problems
+from utils.evaluation.drawings import draw_sample, sample_indices, visualization_settings
 
 CONFIG = "configs/synthetic/maskrcnn_r18_fpn_synthetic.py"
 META = {"classes": ("circle", "square", "triangle"), "palette": [(220, 20, 60), (0, 0, 142)] * 2}

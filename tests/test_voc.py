@@ -12,10 +12,10 @@ import cv2
 import pytest
 
 from tests.conftest import TINY_SYNTHETIC, train
-from utils.config import build_config
-from utils.datasource import DataError
-from utils.experiment import load_experiment, local_hparams
-from utils.synthetic import CLASSES, SyntheticSpec, ensure_dataset
+from utils.data.source import DataError
+from utils.data.synthetic import CLASSES, SyntheticSpec, ensure_dataset
+from utils.experiment.load import load_experiment, local_hparams
+from utils.training.plan import build_config
 
 REPO = Path(__file__).resolve().parent.parent
 VOC_SYNTHETIC = "configs/synthetic/retinanet_r18_fpn_voc_synthetic.py"

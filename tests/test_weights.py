@@ -1,4 +1,5 @@
-"""Tests of utils.weights: a small RetinaNet's checkpoint from a file, a loopback HTTP server
+"""Tests of utils.training.weights: a small RetinaNet's checkpoint from a file, a loopback HTTP
+server
 (standing in for the mmdet model zoo) and the Cloud Storage emulator. Nothing leaves 127.0.0.1.
 """
 
@@ -29,8 +30,8 @@ from mmengine.config import Config
 from mmengine.logging import HistoryBuffer, MessageHub
 from mmengine.runner.checkpoint import save_checkpoint, weights_to_cpu
 
-from utils import gcs
-from utils.weights import LoadReport, WeightsError, load_weights, read_state_dict, resolve
+from utils.data import gcs
+from utils.training.weights import LoadReport, WeightsError, load_weights, read_state_dict, resolve
 
 CONFIG = "configs/synthetic/retinanet_r18_fpn_synthetic.py"
 HEAD = ("bbox_head.retina_cls.weight", "bbox_head.retina_cls.bias")
@@ -131,7 +132,7 @@ def test_other_num_classes_skips_the_head(
 ) -> None:
     model = build(cfg, num_classes=5)
     fresh = {key: model.state_dict()[key].clone() for key in HEAD}
-    with caplog.at_level(logging.INFO, logger="utils.weights"):
+    with caplog.at_level(logging.INFO, logger="utils.training.weights"):
         report = load_weights(model, str(checkpoint))
     assert (report.loaded, report.skipped_shape) == (len(trained.state_dict()) - 2, 2)
     assert (report.missing, report.unexpected) == (0, 0)

@@ -1,4 +1,5 @@
-# Data and schedule for the generated shapes dataset (utils/synthetic.py): 128 px images, 3 classes.
+# Data and schedule for the generated shapes dataset (utils/data/synthetic.py): 128 px images, 3
+# classes.
 # Paths and classes are filled in from the experiment's `data` section (backend: synthetic).
 dataset_type = "CocoDataset"
 image_scale = (128, 128)

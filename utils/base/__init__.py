@@ -1,0 +1,2 @@
+"""What every layer reads: the error types, the host's cache and safe checkpoint loading, the
+pinned versions."""

@@ -1,0 +1,157 @@
+"""The MMDetection config of a trial, from its hyperparameters and the experiment's data section.
+
+The MMDetection config stays the single source of truth; hyperparameters only name it and override
+a few keys (learning rate, weight decay, momentum, batch size, dotted `override_mmdet_config` keys).
+"""
+
+from __future__ import annotations
+
+import difflib
+import importlib.util
+import logging
+from pathlib import Path
+from typing import Any
+
+from mmengine.config import Config, ConfigDict
+
+from utils.base.errors import ConfigError
+from utils.config.schedule import accumulation, by_epoch
+
+logger = logging.getLogger(__name__)
+REPO_ROOT = Path(__file__).resolve().parents[2]
+# The hyperparameters the trial reads; anything else in an experiment is a typo or unused.
+KNOWN_HPARAMS = (
+    "config_file",
+    "merge_config",
+    "override_mmdet_config",
+    "global_batch_size",
+    "lr",
+    "weight_decay",
+    "momentum",
+    "auto_scale_lr",
+    "coco_backend",
+    "load_from",
+    "visualization",
+    "evaluation_plots",
+)
+
+
+def resolve_config_path(name: str, key: str = "config_file") -> Path:
+    """Find `mmdet::group/file.py` in the installed mmdet, else a path (relative to cwd or repo).
+
+    `key`: the hyperparameter that names it (`config_file` or `merge_config`), for the error.
+    """
+    if name.startswith("mmdet::"):
+        spec = importlib.util.find_spec("mmdet")
+        path = Path(spec.origin).parent / ".mim" / "configs" / name.removeprefix("mmdet::")
+        hint = "a path under mmdet's configs/, e.g. mmdet::retinanet/retinanet_r50_fpn_1x_coco.py"
+    else:
+        path = Path(name)
+        if not path.is_absolute() and not path.exists():
+            path = REPO_ROOT / name
+        hint = "a file under configs/ or an mmdet:: config"
+    if not path.is_file():
+        raise ConfigError(f"hyperparameters.{key}: config {name!r} not found ({path}); use {hint}.")
+    return path
+
+
+def load_config(hparams: dict[str, Any]) -> Config:
+    """`config_file` with `merge_config` merged on top, before any other change."""
+    if "config_file" not in hparams:
+        raise ConfigError("hyperparameters.config_file is missing: name an mmdet config to train.")
+    cfg = Config.fromfile(resolve_config_path(hparams["config_file"]))
+    if hparams.get("merge_config"):
+        extra = Config.fromfile(resolve_config_path(hparams["merge_config"], "merge_config"))
+        cfg.merge_from_dict(extra.to_dict(), allow_list_keys=True)
+    return cfg
+
+
+def accumulative_counts(hparams: dict[str, Any]) -> int:
+    """Batches per optimizer step (`optim_wrapper.accumulative_counts`), known before any data.
+
+    The training engine needs it before the trial is built (Determined's aggregation frequency).
+    """
+    cfg = load_config(hparams)
+    apply_overrides(cfg, hparams.get("override_mmdet_config") or {})
+    return accumulation(cfg)
+
+
+def apply_hparams(cfg: Config, hparams: dict[str, Any]) -> None:
+    """Map the named searchable hyperparameters onto the optimizer config."""
+    optimizer = cfg.optim_wrapper.optimizer
+    for name in ("lr", "weight_decay", "momentum"):
+        if hparams.get(name) is None:
+            continue
+        if name == "momentum" and "momentum" not in optimizer and optimizer.type != "SGD":
+            raise ConfigError(
+                f"hyperparameters.momentum is set but the optimizer {optimizer.type} takes no "
+                "momentum; remove it or set the optimizer's own keys via override_mmdet_config."
+            )
+        optimizer[name] = float(hparams[name])
+
+
+def scale_lr(cfg: Config, global_batch: int, enable: bool | None) -> None:
+    """Linear LR scaling as mmengine's runner does it with the config's `auto_scale_lr`.
+
+    The hyperparameter `auto_scale_lr` (true/false) overrides the config's `enable`; the LR in the
+    config or in `lr` is then the one for `auto_scale_lr.base_batch_size` images per step.
+    """
+    auto = cfg.get("auto_scale_lr") or {}
+    if enable is not None:
+        auto = {**auto, "enable": bool(enable)}
+    if not auto.get("enable"):
+        return
+    if "base_batch_size" not in auto:
+        raise ConfigError(
+            "auto_scale_lr is enabled but the config has no auto_scale_lr.base_batch_size: "
+            "add it (mmdet's COCO configs use 16)."
+        )
+    ratio = global_batch / auto["base_batch_size"]
+    cfg.optim_wrapper.optimizer.lr *= ratio
+    logger.info(
+        "LR scaled by %d/%d to %g.",
+        global_batch,
+        auto["base_batch_size"],
+        cfg.optim_wrapper.optimizer.lr,
+    )
+
+
+def apply_overrides(cfg: Config, overrides: dict[str, Any]) -> None:
+    """Apply `override_mmdet_config`: each dotted key must already exist in the config."""
+    for key, value in overrides.items():
+        parts = key.split(".")
+        parent: Any = None
+        node: Any = cfg
+        for depth, part in enumerate(parts):
+            if isinstance(node, (dict, Config)):
+                options = list(node)
+            elif isinstance(node, list):
+                options = [str(i) for i in range(len(node))]
+            else:
+                options = []
+            if part not in options:
+                close = difflib.get_close_matches(part, options, n=3)
+                raise ConfigError(
+                    f"override_mmdet_config: unknown key {key!r} ({part!r} is not in "
+                    f"{'.'.join(parts[:depth]) or 'the config'}"
+                    + (f"; did you mean {', '.join(close)}?" if close else "")
+                    + "). Check the key against the resolved config."
+                )
+            parent, node = node, node[int(part) if isinstance(node, list) else part]
+        leaf = int(parts[-1]) if isinstance(parent, list) else parts[-1]
+        parent[leaf] = ConfigDict(value) if isinstance(value, dict) else value
+
+
+def unfollowed_intervals(cfg: Config) -> str | None:
+    """What to tell a user whose `train_cfg.dynamic_intervals` the fixed validation period
+    (Determined's `validation_period`, from `val_interval`) cannot follow; None if nothing."""
+    train_cfg = cfg.get("train_cfg") or {}
+    intervals = train_cfg.get("dynamic_intervals")
+    if not intervals:
+        return None
+    unit = "epochs" if by_epoch(cfg) else "batches"
+    return (
+        f"train_cfg.dynamic_intervals {list(intervals)} is not followed: validation runs every "
+        f"{train_cfg.get('val_interval', 1)} {unit} (train_cfg.val_interval) throughout; lower "
+        "val_interval to validate more often."
+    )

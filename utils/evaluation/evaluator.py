@@ -1,0 +1,122 @@
+"""COCO evaluation with MMDetection's own metrics, safe to split across ranks.
+
+Each rank keeps the metric entries of the images it predicted, keyed by image id; `compute` merges
+the entries of all ranks, counts every image once (distributed samplers may repeat images to pad
+the last batches), and evaluates them with the config's `val_evaluator`. Its CocoMetrics are
+evaluated by faster-coco-eval, or by pycocotools (the reference), see
+`utils.evaluation.coco_metric`.
+"""
+
+from __future__ import annotations
+
+import copy
+import importlib.util
+import logging
+import math
+import re
+from typing import Any
+
+import torch
+from mmengine.config import Config
+from mmengine.registry import METRICS
+
+from utils.base.errors import ConfigError
+from utils.config.evaluators import evaluator_configs
+from utils.evaluation.coco_metric import BACKENDS, DEFAULT_BACKEND, STAT_NAMES, BackendCocoMetric
+from utils.evaluation.mask_rle import encode_masks
+
+logger = logging.getLogger(__name__)
+
+# All 12 COCO statistics, in pycocotools' order, under mmdet's names.
+COCO_ITEMS = STAT_NAMES
+
+
+def coco_backend(name: str | None) -> str:
+    """The `coco_backend` hyperparameter checked; unset: faster-coco-eval where installed."""
+    if name is None:
+        if importlib.util.find_spec("faster_coco_eval") is not None:
+            return DEFAULT_BACKEND
+        logger.warning("faster-coco-eval is not installed: COCO metrics by pycocotools (slower).")
+        return "pycocotools"
+    if name not in BACKENDS:
+        raise ConfigError(
+            f"hyperparameters.coco_backend is {name!r}: use one of {', '.join(BACKENDS)}."
+        )
+    return name
+
+
+class CocoEvaluator:
+    """Collects per-image metric entries with `update`; `compute` evaluates them once per image."""
+
+    def __init__(self, cfg: Config, backend: str | None = None) -> None:
+        """`backend`: the COCO engine of CocoMetrics (`BACKENDS`); None: the default."""
+        self.backend = coco_backend(backend)
+        self.metrics = []
+        for metric_cfg in evaluator_configs(cfg.val_evaluator):
+            metric_cfg = copy.deepcopy(metric_cfg)
+            if metric_cfg.type not in ("CocoMetric", "mmdet.CocoMetric"):
+                self.metrics.append(METRICS.build(metric_cfg))
+                continue
+            metric_cfg.pop("type")
+            metric_cfg.pop("_scope_", None)  # a registry key; the class is built directly here
+            metric_cfg.setdefault("metric_items", list(COCO_ITEMS))
+            self.metrics.append(BackendCocoMetric(backend=self.backend, **metric_cfg))
+        self.entries: list[tuple[Any, list[list[Any]]]] = []
+
+    def coco_metric(self) -> BackendCocoMetric | None:
+        """The first COCO metric: its last evaluation is what the evaluation plots show."""
+        return next((m for m in self.metrics if isinstance(m, BackendCocoMetric)), None)
+
+    def set_dataset_meta(self, meta: dict[str, Any]) -> None:
+        for metric in self.metrics:
+            metric.dataset_meta = meta
+
+    def reset(self) -> None:
+        self.entries = []
+
+    def update(self, data_samples: list[Any]) -> None:
+        """Add the predictions (DetDataSample with `pred_instances`) of one batch."""
+        for sample in data_samples:
+            output = sample.to_dict()
+            pred = output["pred_instances"]
+            if isinstance(pred.get("masks"), torch.Tensor):
+                # Once for all metrics and in one call: the metrics take encoded masks as they are.
+                pred["masks"] = encode_masks(pred["masks"].detach())
+            per_metric = []
+            for metric in self.metrics:
+                metric.process({}, [output])
+                per_metric.append(metric.results)
+                metric.results = []
+            # COCO ids are ints, VOC ids file names: keep them as the dataset gives them.
+            self.entries.append((output["img_id"], per_metric))
+
+    def compute(
+        self, entries_per_rank: list[list[tuple[int, list[list[Any]]]]]
+    ) -> dict[str, float]:
+        """Evaluate the union of the ranks' entries, each image once; returns flat float metrics."""
+        by_image = {}
+        for entries in entries_per_rank:
+            for img_id, per_metric in entries:
+                by_image.setdefault(img_id, per_metric)
+        results: dict[str, Any] = {}
+        for index, metric in enumerate(self.metrics):
+            metric_results = [e for img_id in sorted(by_image) for e in by_image[img_id][index]]
+            results.update(metric.compute_metrics(metric_results))
+        metrics = flatten_metrics(results)
+        metrics["num_images"] = float(len(by_image))
+        return metrics
+
+
+def flatten_metrics(results: dict[str, Any]) -> dict[str, float]:
+    """Check that every result is a number and give it a name TensorBoard and Determined accept."""
+    flat = {}
+    for key, value in results.items():
+        if isinstance(value, bool) or (
+            not isinstance(value, (int, float)) and not hasattr(value, "__float__")
+        ):
+            raise TypeError(f"Metric {key!r} is {type(value).__name__} {value!r}, not a number.")
+        name = re.sub(r"[^\w./-]", "_", key)
+        flat[name] = float(value)
+        if math.isinf(flat[name]):
+            raise ValueError(f"Metric {key!r} is infinite.")
+    return flat

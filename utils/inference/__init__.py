@@ -1,0 +1,1 @@
+"""A trained export at work: predict, evaluate on a test split."""

@@ -1,0 +1,313 @@
+"""The training session: everything a run needs, assembled once, for any training engine.
+
+An engine (Determined's trial in `on_determined/`, a plain PyTorch loop in the tests) builds a
+`TrainingSession` from a `RunPlan` and calls its small steps; it owns nothing of the run itself:
+
+    plan = plan_run(hparams, data, world_size=2)               # config, hooks, batch split
+    session = TrainingSession(plan, seed=0, rank=r, device=d)  # model, data, optimizer, ...
+    session.model = DistributedDataParallel(session.detector)  # the engine's wrapper, if any
+    for index, batch in enumerate(session.train_loader(rank=r)):
+        loss, metrics = session.training_loss(batch, index)
+        loss.backward(); session.clip(params); optimizer.step(); optimizer.zero_grad()
+        session.after_step(index, metrics)
+
+The session keeps the one loop position (`batches_trained`); the MessageHub, the EMA hook and
+the LR schedulers are told it, and callbacks read it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import logging
+import os
+from collections.abc import Callable
+from typing import Any
+
+import torch
+from mmdet.registry import MODELS
+from mmengine.dataset import pseudo_collate
+from mmengine.logging import MMLogger
+from mmengine.runner import set_random_seed
+from torch.utils.data import DataLoader
+
+from utils.base.errors import ConfigError, DataError, TrainingStopped
+from utils.config.build import unfollowed_intervals
+from utils.data.datasets import build_dataset, image_problems
+from utils.data.sampling import (
+    GroupedBatchSampler,
+    LoaderSeedDraws,
+    LoudDataset,
+    RankSlice,
+    SeededDataset,
+)
+from utils.evaluation.evaluator import CocoEvaluator
+from utils.evaluation.preflight import evaluation_problems, raise_problems
+from utils.training.hooks import (
+    EmaWeights,
+    PipelineSchedule,
+    publish_runtime_info,
+    runner_environment,
+    sync_norms,
+    use_l1_loss,
+    yolox_switch_epoch,
+)
+from utils.training.optim import ParamSchedulers, amp_settings, build_optimizer, clip_gradients
+from utils.training.plan import RunPlan, keeps_workers, loader_worker_init
+from utils.training.weights import load_weights
+
+logger = logging.getLogger(__name__)
+# Set to 1 for mmengine's weight-initialisation messages (one per parameter: ~420 log lines for
+# Mask R-CNN), which `init_weights` keeps off the console by default.
+INIT_LOG_VARIABLE = "MMDET_DETERMINED_INIT_LOG"
+
+
+class TrainingSession:
+    """One run of an mmdet config: model, weights, optimizer, data, schedule, hooks, evaluator.
+
+    Args:
+        plan: from `plan_run`.
+        seed: the run's seed (`config_seed`, else the engine's).
+        rank: this process's rank among `plan.world_size`.
+        device: where the model trains (`cuda:N` on a GPU, else the CPU).
+        resumed_batches: batches a resumed run already trained, when the engine does not skip
+            them itself (the sampler skips them and the loop position starts there).
+    """
+
+    def __init__(
+        self,
+        plan: RunPlan,
+        *,
+        seed: int,
+        rank: int = 0,
+        device: str | torch.device = "cpu",
+        resumed_batches: int = 0,
+    ) -> None:
+        cfg = self.cfg = plan.cfg
+        self.plan = plan
+        self.seed = seed
+        self.rank = rank
+        self.world_size = plan.world_size
+        self.resumed_batches = resumed_batches
+        runner_environment(cfg, distributed=plan.world_size > 1)
+        set_random_seed(seed)
+
+        # A copy: mmdet's detectors write into the config they are built from (roi_head.train_cfg,
+        # ...), and self.cfg stays the resolved config as the checkpoints export it.
+        self.detector = MODELS.build(copy.deepcopy(cfg.model))
+        # What the first validation would fail on, found before any weights or data are loaded.
+        raise_problems(evaluation_problems(cfg, self.detector), ConfigError)
+        init_weights(self.detector)
+        load_from = plan.hparams.get("load_from") or cfg.get("load_from")
+        if load_from:
+            logger.info("Pretrained weights: %s", load_weights(self.detector, load_from))
+        self.device = torch.device(device)
+        self.detector.to(self.device)
+        # What runs the forward pass: the detector, or an engine's wrapper of it (DDP).
+        self.model: torch.nn.Module = self.detector
+        # Mixed precision where the config asks for it (AmpOptimWrapper).
+        self.amp = amp_settings(cfg, self.device.type == "cuda")
+        self.scaler = None
+        if self.amp:
+            logger.info("Mixed precision: %s autocast on %s.", self.amp.dtype, self.amp.device)
+            if self.amp.loss_scale is not None:
+                self.scaler = self.amp.grad_scaler()
+        self.optimizer, self.clip_grad = build_optimizer(self.detector, cfg)
+
+        self.train_dataset = build_dataset(cfg, "train")
+        self.val_dataset = build_dataset(cfg, "val")
+        raise_problems(image_problems(self.val_dataset, "val"), DataError)  # a stat per image
+        self.schedule = plan.schedule(len(self.train_dataset))
+        note = unfollowed_intervals(cfg)
+        if note:
+            logger.warning(note)
+        # The global torch generator advances where mmengine's would (see LoaderSeedDraws).
+        self.seed_draws = LoaderSeedDraws(
+            keeps_workers(cfg.train_dataloader),
+            keeps_workers(cfg.val_dataloader),
+            self.schedule.epoch_length,
+        )
+        self.batches_trained = resumed_batches
+
+        # The config's custom hooks (utils/training/hooks.py), built once the model is on its
+        # device.
+        hooks = plan.hooks
+        self.ema = EmaWeights(hooks.ema, self.detector, self.schedule) if hooks.ema else None
+        self.sync_norm = hooks.sync_norm
+        self.l1_from_epoch = None
+        skip = None
+        if hooks.yolox is not None:
+            last, skipped = hooks.yolox
+            self.l1_from_epoch = yolox_switch_epoch(last, self.schedule.max_epochs)
+            skip = (self.l1_from_epoch, skipped)
+        self.pipelines = (
+            PipelineSchedule(self.train_dataset, hooks.switches, skip)
+            if hooks.switches or skip
+            else None
+        )
+        self.lr_schedulers = ParamSchedulers(
+            self.optimizer, cfg, self.schedule.epoch_length, self.schedule.max_batches
+        )
+        self.evaluator = CocoEvaluator(cfg, plan.hparams.get("coco_backend"))
+        self.evaluator.set_dataset_meta(self.val_dataset.metainfo)
+
+    # Data.
+
+    def train_loader(
+        self, loader_class: Callable[..., Any] = DataLoader, rank: int | None = None
+    ) -> Any:
+        """The training batches of `rank` (its slice of every global batch); with `rank=None`
+        every rank's slice in turn, for an engine that deals them to ranks itself."""
+        loader_cfg = self.cfg.train_dataloader
+        replicas = self.world_size
+        sampler = GroupedBatchSampler(
+            self.train_dataset,
+            self.cfg.train_dataloader.batch_size,
+            seed=self.seed,
+            num_replicas=replicas,
+            rank=rank,
+            skip=self.resumed_batches * (replicas if rank is None else 1),
+        )
+        return loader_class(
+            SeededDataset(LoudDataset(self.train_dataset), self.seed, self.pipelines),
+            batch_sampler=sampler,
+            **self._loader_options(loader_cfg),
+        )
+
+    def val_loader(
+        self, loader_class: Callable[..., Any] = DataLoader, rank: int | None = None
+    ) -> Any:
+        """The validation batches of `rank` (every `world_size`-th image from `rank`); with
+        `rank=None` all of them, for an engine that deals whole batches to ranks."""
+        loader_cfg = self.cfg.val_dataloader
+        replicas = self.world_size
+        if len(self.val_dataset) < replicas:
+            raise DataError(
+                f"The validation set has {len(self.val_dataset)} images, fewer than the "
+                f"{replicas} processes that share it: use a larger set or fewer slots."
+            )
+        dataset = LoudDataset(self.val_dataset)
+        batch_size = loader_cfg.get("batch_size", 1)
+        if rank is None:
+            # Whole batches go to ranks, and none may be left without one.
+            batch_size = min(batch_size, -(-len(self.val_dataset) // replicas))
+        else:
+            dataset = RankSlice(dataset, rank, replicas)
+        return loader_class(
+            dataset, batch_size=batch_size, shuffle=False, **self._loader_options(loader_cfg)
+        )
+
+    def _loader_options(self, loader_cfg: Any) -> dict[str, Any]:
+        workers = loader_cfg.get("num_workers", 0)
+        return dict(
+            num_workers=workers,
+            persistent_workers=workers > 0,
+            collate_fn=pseudo_collate,
+            worker_init_fn=loader_worker_init(self.cfg),
+            # Workers' seeds come from here, not from the global generator: exact resumes.
+            generator=torch.Generator().manual_seed(self.seed),
+        )
+
+    # Training steps.
+
+    def training_loss(self, batch: Any, batch_index: int) -> tuple[torch.Tensor, dict[str, Any]]:
+        """The loss to back-propagate for the run's batch `batch_index` (from 0), scaled when a
+        loss scaler is on, and its terms as floats. Stops the run on a non-finite loss."""
+        self.seed_draws.before_train_batch(batch_index)
+        self.batches_trained = batch_index + 1
+        epoch = self.schedule.epoch_of(batch_index)
+        publish_runtime_info(
+            batch_index, epoch, self.schedule.max_batches, self.schedule.max_epochs
+        )
+        if self.l1_from_epoch is not None and epoch >= self.l1_from_epoch:
+            use_l1_loss(self.detector)
+        data = self.detector.data_preprocessor(batch, training=True)
+        with self.amp.autocast() if self.amp else contextlib.nullcontext():
+            losses = self.model(**data, mode="loss")
+        loss, log_vars = self.detector.parse_losses(losses)
+        if not torch.isfinite(loss):
+            # Stop before the step: the last checkpoint keeps the last good weights.
+            terms = ", ".join(f"{k}={v.item():.4g}" for k, v in log_vars.items())
+            raise TrainingStopped(
+                f"The loss is not finite at batch {batch_index + 1} ({terms}): stopping. Lower "
+                "the LR or enable optim_wrapper.clip_grad, and resume from the last checkpoint."
+            )
+        metrics = {name: value.item() for name, value in log_vars.items()}
+        return (self.scaler.scale(loss) if self.scaler else loss), metrics
+
+    def clip(self, params: Any) -> float | None:
+        """Clip the gradients as the config's `clip_grad` says; returns the gradient norm (None
+        without clipping). Call before the optimizer step."""
+        if not self.clip_grad:
+            return None
+        if self.scaler:  # clip the true gradients, not the scaled ones
+            self.scaler.unscale_(self.optimizer)
+        return float(clip_gradients(params, self.clip_grad))
+
+    def steps_optimizer(self, batch_index: int) -> bool:
+        """Whether the optimizer steps after batch `batch_index` (gradient accumulation)."""
+        return (batch_index + 1) % self.schedule.accumulation == 0
+
+    def after_step(self, batch_index: int, metrics: dict[str, Any]) -> None:
+        """After the optimizer (or accumulation) step of batch `batch_index`: the loss scale,
+        the averaged weights, the LR into `metrics`, then the LR schedule's step."""
+        if self.scaler and self.steps_optimizer(batch_index):  # after a real step only
+            self.scaler.update(self.amp.static_scale())
+        if self.ema is not None:  # every batch, as mmengine calls EMAHook after every iteration
+            self.ema.after_batch(batch_index)
+        metrics["lr"] = self.optimizer.param_groups[0]["lr"]
+        self.lr_schedulers.step()
+
+    # Validation.
+
+    def before_validation(self) -> None:
+        """As a validation starts: the loader seed mmengine draws, the norm statistics averaged
+        over the ranks (SyncNormHook), then the averaged weights (EMAHook), in mmengine's order."""
+        self.seed_draws.before_validation(
+            first=self.batches_trained <= self.schedule.validation_period
+        )
+        if self.sync_norm:
+            sync_norms(self.model)
+        if self.ema is not None:
+            self.ema.swap_in()
+
+    def predict(self, batch: Any) -> list[Any]:
+        """The detector's predictions (DetDataSample with `pred_instances`) for a batch."""
+        data = self.detector.data_preprocessor(batch, training=False)
+        with torch.no_grad():
+            return self.detector(**data, mode="predict")
+
+    def after_validation(self) -> None:
+        """As a validation ends: the trained weights back into the model."""
+        if self.ema is not None:
+            self.ema.swap_out()
+
+    # Checkpoints.
+
+    def export_weights(self) -> dict[str, torch.Tensor]:
+        """The weights an export ships: the EMAHook's averaged ones if any (as mmengine saves
+        them), else the trained ones, under the bare detector's names."""
+        return self.ema.averaged_weights() if self.ema is not None else self.detector.state_dict()
+
+    def state_dict(self) -> dict[str, Any]:
+        """What a checkpoint holds besides the model, optimizer, LR schedule and RNG states."""
+        return {"ema": self.ema.state_dict()} if self.ema is not None else {}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        if self.ema is not None:
+            self.ema.load_state_dict(state["ema"])
+
+
+def init_weights(detector: torch.nn.Module) -> None:
+    """The detector's `init_weights()`, with mmengine's messages below WARNING kept out of the
+    log (its init_cfg of every parameter) unless the environment sets INIT_LOG_VARIABLE to 1."""
+    if os.environ.get(INIT_LOG_VARIABLE) == "1":
+        detector.init_weights()
+        return
+    mm_logger = MMLogger.get_current_instance()  # where mmengine's init messages go
+    level = mm_logger.level
+    mm_logger.setLevel(logging.WARNING)
+    try:
+        detector.init_weights()
+    finally:
+        mm_logger.setLevel(level)
