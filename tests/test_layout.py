@@ -104,3 +104,17 @@ def test_no_import_cycle() -> None:
 def test_modules_stay_small() -> None:
     sizes = {str(p.relative_to(REPO)): len(p.read_text().splitlines()) for p in sources()}
     assert not {name: n for name, n in sizes.items() if n > 320}, "split modules over ~300 lines"
+
+
+def test_tests_mirror_the_packages_and_import_no_other_test() -> None:
+    tests = REPO / "tests"
+    for path in tests.rglob("test_*.py"):
+        others = {
+            name
+            for name in imported_modules(path)
+            if name.split(".")[-1].startswith("test_") or ".test_" in name
+        }
+        assert not others, f"{path.relative_to(REPO)} imports {others}: share through a helper"
+    for path in (tests / "utils").rglob("test_*.py"):
+        layer = path.relative_to(tests / "utils").parts[0]
+        assert layer in LAYERS and (REPO / "utils" / layer).is_dir(), path

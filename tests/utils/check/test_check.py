@@ -15,7 +15,7 @@ from tests.conftest import disk_data
 from utils.check.experiment import check_experiment
 from utils.experiment.load import load_experiment
 
-REPO = Path(__file__).resolve().parent.parent
+REPO = Path(__file__).resolve().parents[3]
 EXPERIMENTS = sorted((REPO / "experiments").glob("*.yaml"))
 
 

@@ -12,7 +12,7 @@ from utils.data.source import DataError, drop_pretrained
 from utils.experiment.load import load_experiment, local_hparams
 from utils.training.plan import build_config, plan_run
 
-REPO = Path(__file__).resolve().parent.parent
+REPO = Path(__file__).resolve().parents[3]
 DEMO = "configs/synthetic/maskrcnn_r18_fpn_synthetic.py"
 
 

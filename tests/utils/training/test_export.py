@@ -20,7 +20,7 @@ from mmengine.dataset import pseudo_collate
 import model_def
 from utils.training.plan import build_config
 
-REPO = Path(__file__).resolve().parent.parent
+REPO = Path(__file__).resolve().parents[3]
 
 
 def checkpoint_of(run: Path) -> Path:

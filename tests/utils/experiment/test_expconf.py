@@ -19,7 +19,7 @@ if not (EXPCONF_DIR / "expconf" / "v0").is_dir():
         allow_module_level=True,
     )
 
-REPO = Path(__file__).resolve().parent.parent
+REPO = Path(__file__).resolve().parents[3]
 CASES_DIR = EXPCONF_DIR / "test_cases" / "v0"
 PHASES: dict[str, Callable[[Any, str], list[str]]] = {
     "sanity": sanity_errors,

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-REPO = Path(__file__).resolve().parent.parent
+REPO = Path(__file__).resolve().parents[2]
 TRAINING_ROWS = (
     "Training s/iteration, RetinaNet",
     "Training s/iteration, Mask R-CNN",

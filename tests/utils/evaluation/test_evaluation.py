@@ -1,6 +1,6 @@
 """COCO evaluation: parity with pycocotools, each image counted once across ranks, flat metrics.
 
-The backends against each other on harder cases: tests/test_coco_backends.py.
+The backends against each other on harder cases: tests/utils/evaluation/test_coco_backends.py.
 """
 
 from __future__ import annotations

@@ -7,7 +7,7 @@ import pytest
 
 from utils.experiment.load import ExperimentError, load_experiment, local_hparams, training_length
 
-REPO = Path(__file__).resolve().parent.parent
+REPO = Path(__file__).resolve().parents[3]
 
 
 def test_set_overrides_dotted_paths_with_yaml_values(tmp_path: Path) -> None:

@@ -1,5 +1,5 @@
 """A config's custom hooks: the supported ones through a trial's resume and export, the others
-refused by name. (Their equality with mmengine's Runner: tests/test_parity.py.)"""
+refused by name. (Their equality with mmengine's Runner: tests/utils/training/test_parity.py.)"""
 
 from __future__ import annotations
 
@@ -21,7 +21,7 @@ from utils.check.experiment import check_experiment
 from utils.experiment.load import load_experiment
 from utils.training.hooks import PipelineSchedule, plan_hooks, runner_environment, sync_norms
 
-REPO = Path(__file__).resolve().parent.parent
+REPO = Path(__file__).resolve().parents[3]
 HOOKS = """
 custom_hooks = [
     dict(type="EMAHook", ema_type="ExpMomentumEMA", momentum=0.2, gamma=4, priority=49),

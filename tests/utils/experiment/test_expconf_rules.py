@@ -25,7 +25,7 @@ if not (EXPCONF_DIR / "test_cases" / "v0").is_dir():
         allow_module_level=True,
     )
 
-REPO = Path(__file__).resolve().parent.parent
+REPO = Path(__file__).resolve().parents[3]
 SCHEMAS = "http://determined.ai/schemas/expconf/v0/"
 SECTIONS = ("searcher", "hyperparameters", "resources")
 

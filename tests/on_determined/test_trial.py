@@ -15,7 +15,7 @@ import model_def
 from tests.conftest import TINY_SYNTHETIC, train
 from utils.data.synthetic import CLASSES
 
-REPO = Path(__file__).resolve().parent.parent
+REPO = Path(__file__).resolve().parents[2]
 COCO_NAMES = ("mAP", "mAP_50", "mAP_75", "mAP_s", "mAP_m", "mAP_l", "AR_100", "AR_300", "AR_1000")
 COCO_NAMES += ("AR_s_1000", "AR_m_1000", "AR_l_1000")
 

@@ -14,7 +14,7 @@ from pathlib import Path
 from determined.common.context import read_v1_context
 from determined.common.v1file_utils import v1File_size
 
-REPO = Path(__file__).resolve().parent.parent
+REPO = Path(__file__).resolve().parents[2]
 LIMIT = 1024 * 1024
 JUNK = {
     ".venv/lib/big.so": 3_000_000,

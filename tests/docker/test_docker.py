@@ -11,7 +11,7 @@ from pathlib import Path
 
 from utils.base import versions
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 DOCKERFILE = ROOT / "docker" / "Dockerfile"
 DOCKER_README = ROOT / "docker" / "README.md"
 DOCKERIGNORE = ROOT / ".dockerignore"

@@ -29,7 +29,7 @@ from utils.evaluation.coco_metric import BackendCocoMetric
 from utils.experiment import load as experiment
 from utils.training.plan import build_config
 
-REPO = Path(__file__).resolve().parent.parent
+REPO = Path(__file__).resolve().parents[3]
 # Our metric for the Runner too, so that both report the same unrounded statistics.
 METRICS.register_module(name="ParityCocoMetric", module=BackendCocoMetric, force=True)
 ITERATIONS = 20

@@ -14,7 +14,7 @@ import model_def
 from tests.conftest import TINY_SYNTHETIC
 from utils.training.plan import build_config
 
-REPO = Path(__file__).resolve().parent.parent
+REPO = Path(__file__).resolve().parents[2]
 DEMO = str(REPO / "experiments" / "demo.yaml")
 DEMO_CONFIG = "configs/synthetic/maskrcnn_r18_fpn_synthetic.py"
 

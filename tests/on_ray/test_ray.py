@@ -16,8 +16,8 @@ import torch
 from on_determined.local import free_ports
 from tests.conftest import REPO, SGD_SETS
 from tests.faults import die_once
-from tests.test_distributed import DATA, GFL, TOY, losses
-from tests.test_distributed import run as determined_run
+from tests.local_runs import DATA, GFL, TOY, losses
+from tests.local_runs import run as determined_run
 from utils.base.errors import ExperimentError
 
 ray = pytest.importorskip("ray")
@@ -50,7 +50,7 @@ def local_ray() -> None:
 def overrides(
     cache: Path, config: str = GFL, data: dict = TRAIN_DATA, mmdet: str = GFL_OVERRIDES
 ) -> list[str]:
-    """The `--set`s of tests.test_distributed.run, for the same experiment."""
+    """The `--set`s of tests.local_runs.run, for the same experiment."""
     return [
         f"hyperparameters.config_file={config}",
         "hyperparameters.global_batch_size=4",

@@ -17,7 +17,7 @@ from utils.data.synthetic import CLASSES, SyntheticSpec, ensure_dataset
 from utils.experiment.load import load_experiment, local_hparams
 from utils.training.plan import build_config
 
-REPO = Path(__file__).resolve().parent.parent
+REPO = Path(__file__).resolve().parents[3]
 VOC_SYNTHETIC = "configs/synthetic/retinanet_r18_fpn_voc_synthetic.py"
 VOC_R50 = "configs/retinanet_r50_fpn_1x_voc0712.py"
 # VOC names images by id; the splits share JPEGImages/, so their ids must not collide.
