@@ -73,8 +73,9 @@ def run_workload(spec: dict[str, Any], scratch: Path) -> dict[str, Any]:
 def common_sets(folder: Path, model: str, num_train: int) -> list[str]:
     """The experiment overrides both sides share: model, batch, seed, data, one epoch.
 
-    Without random flips both sides train bitwise the same model (tests/utils/training/test_parity.py), so the
-    figures differ by the training loops only, not by the work of different data or weights.
+    Without random flips both sides train bitwise the same model
+    (tests/utils/training/test_parity.py), so the figures differ by the training loops only, not
+    by the work of different data or weights.
     """
     seed_file = folder / "seed.py"
     seed_file.write_text("randomness = dict(seed=0)\n")

@@ -20,6 +20,7 @@ import socket
 import time
 from collections.abc import Callable
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 from bench.coco_val_data import CLASSES
@@ -85,6 +86,7 @@ def ours_end(job: dict[str, Any], rank: int, share: Any) -> dict[str, Any]:
 
     from on_determined.trial import EvaluatorReducer
     from utils.evaluation.evaluator import CocoEvaluator
+    from utils.training.loop import ValidationPass
 
     ranks = job["ranks"]
     dist = det.core.DistributedContext(
@@ -94,9 +96,11 @@ def ours_end(job: dict[str, Any], rank: int, share: Any) -> dict[str, Any]:
     evaluator = CocoEvaluator(evaluator_cfg(job["ann_file"], job["metric"]), "faster_coco_eval")
     evaluator.set_dataset_meta({"classes": CLASSES})
     context = _PyTorchReducerContext(dist.allgather)  # what PyTorchTrialContext builds on
-    reducer = context.wrap_reducer(EvaluatorReducer(evaluator, chief=rank == 0),
+    # The pass's end alone: its share and result read only the session's evaluator.
+    validation = ValidationPass(SimpleNamespace(evaluator=evaluator))
+    validation.rank.evaluator.entries, validation.rank.failures = share
+    reducer = context.wrap_reducer(EvaluatorReducer(validation, chief=rank == 0),
                                    for_training=False)  # fmt: skip
-    reducer.rank.evaluator.entries, reducer.rank.failures = share
     # The chief's evaluation alone, without the gather.
     reducer.cross_slot_reduce, combined = timed(reducer.cross_slot_reduce)
     dist.allgather(None)  # all ranks start together

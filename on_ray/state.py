@@ -20,7 +20,6 @@ import torch
 
 from utils.base.errors import ExperimentError
 from utils.base.files import safe_load
-from utils.training import export
 from utils.training.session import TrainingSession
 
 STATE_FILE = "training_state.pth"
@@ -29,7 +28,8 @@ RNG_DIR = "rng"
 
 
 def write_chief_state(folder: Path, session: TrainingSession) -> None:
-    """The chief's part: training state, metadata and the mmdet export."""
+    """The chief's part: training state and metadata (the mmdet export and the drawings are the
+    run's outputs, `utils.training.outputs.RunOutputs.checkpoint`)."""
     state = {
         "model": session.detector.state_dict(),
         "optimizer": session.optimizer.state_dict(),
@@ -39,13 +39,6 @@ def write_chief_state(folder: Path, session: TrainingSession) -> None:
         "batches_trained": session.batches_trained,
     }
     torch.save(state, folder / STATE_FILE)
-    export.write_export(
-        folder / export.EXPORT_DIR,
-        session.export_weights(),
-        session.cfg,
-        export.dataset_meta(session.val_dataset.metainfo),
-        session.batches_trained,
-    )
     metadata = {"batches_trained": session.batches_trained, "engine": "ray"}
     (folder / METADATA_FILE).write_text(json.dumps(metadata))
 
@@ -89,7 +82,7 @@ def load_state(folder: Path, session: TrainingSession, rank: int) -> None:
     if session.scaler is not None and state["scaler"] is not None:
         session.scaler.load_state_dict(state["scaler"])
     session.load_state_dict(state["session"])
-    session.batches_trained = int(state["batches_trained"])
+    session.continue_from(int(state["batches_trained"]))  # in "session" too, since 2026-12
     rng_file = folder / RNG_DIR / f"rank_{rank}.pth"
     if rng_file.is_file():  # absent when the run resumes on more ranks than it had
         rng = safe_load(rng_file)

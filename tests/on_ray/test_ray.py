@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from on_determined.local import free_ports
 from tests.conftest import REPO, SGD_SETS
@@ -81,12 +82,19 @@ def ray_weights(checkpoint: str) -> dict[str, torch.Tensor]:
 
 
 @pytest.fixture(scope="module")
-def straight(local_ray: None, tmp_path_factory: pytest.TempPathFactory, synthetic_cache: Path):
-    """An uninterrupted 2-worker Ray Train run: its output folder and Ray's result."""
+def straight(
+    local_ray: None,
+    tmp_path_factory: pytest.TempPathFactory,
+    synthetic_cache: Path,
+    mlflow_server: str,
+):
+    """An uninterrupted 2-worker Ray Train run, tracked in MLflow: its output folder and Ray's
+    result."""
     output = tmp_path_factory.mktemp("ray-straight")
+    tracking = f"data.mlflow={{tracking_uri: {mlflow_server}, experiment_name: ray-train}}"
     result = train(
         DEMO,
-        overrides(synthetic_cache),
+        [*overrides(synthetic_cache), tracking],
         workers=2,
         output=output,
         max_batches=BATCHES,
@@ -159,6 +167,60 @@ def test_ray_validation_equals_determineds_on_real_detections(
     (ours,) = [r["metrics"] for r in records(tmp_path / "ray") if r["kind"] == "validation"]
     assert 0.05 < theirs["bbox_mAP"] < 0.95 and theirs["num_images"] == DATA["num_val"]
     assert ours == pytest.approx(theirs, rel=1e-9, abs=1e-12)
+    # The same outputs in the checkpoint: evaluation report and plots, prediction drawings.
+    (det_checkpoint,) = (tmp_path / "det" / "determined").iterdir()
+    (ray_checkpoint,) = (tmp_path / "ray" / "ray").glob("*/checkpoint_*")
+    for folder in ("evaluation", "predictions"):
+        names = sorted(p.name for p in (det_checkpoint / folder).iterdir())
+        assert names and names == sorted(p.name for p in (ray_checkpoint / folder).iterdir())
+    report = json.loads((ray_checkpoint / "evaluation" / "report.json").read_text())
+    expected = json.loads((det_checkpoint / "evaluation" / "report.json").read_text())
+    assert_same_numbers(report, expected)
+    events = EventAccumulator(str(tmp_path / "ray" / "tensorboard")).Reload()
+    assert any(tag.startswith("evaluation/") for tag in events.Tags()["images"])
+
+
+def assert_same_numbers(ours: object, theirs: object, where: str = "report") -> None:
+    """Equal trees; numbers equal up to report.json's 6 decimals (a last digit may round apart)."""
+    if isinstance(theirs, dict):
+        assert isinstance(ours, dict) and ours.keys() == theirs.keys(), where
+        for key in theirs:
+            assert_same_numbers(ours[key], theirs[key], f"{where}.{key}")
+    elif isinstance(theirs, list):
+        assert isinstance(ours, list) and len(ours) == len(theirs), where
+        for index, (mine, their) in enumerate(zip(ours, theirs, strict=True)):
+            assert_same_numbers(mine, their, f"{where}[{index}]")
+    elif isinstance(theirs, float):
+        assert ours == pytest.approx(theirs, rel=0, abs=2e-6), where
+    else:
+        assert ours == theirs, where
+
+
+def test_ray_train_logs_to_mlflow(straight: tuple, mlflow_server: str, tmp_path: Path) -> None:
+    """The chief's run in a real MLflow server: as Determined's trial logs it (params, config,
+    metrics at the batch counts of metrics.jsonl, drawings, evaluation report, last export)."""
+    from mlflow.tracking import MlflowClient
+
+    output, result = straight
+    client = MlflowClient(mlflow_server)
+    experiment = client.get_experiment_by_name("ray-train")
+    (run,) = client.search_runs([experiment.experiment_id])
+    assert run.info.status == "FINISHED"
+    assert run.data.tags["engine"] == "ray"
+    assert run.data.params["config_file"].endswith("gfl_r18_fpn_synthetic.py")
+    ours = records(output)
+    for kind, name in (("training", "loss"), ("validation", "bbox_mAP")):
+        history = client.get_metric_history(run.info.run_id, name)
+        expected = [(r["batches"], r["metrics"][name]) for r in ours if r["kind"] == kind]
+        assert sorted((m.step, m.value) for m in history) == pytest.approx(expected)
+    artifacts = Path(client.download_artifacts(run.info.run_id, "", str(tmp_path)))
+    assert (artifacts / "config.py").is_file()
+    assert (artifacts / "mmdet" / "model.pth").is_file()
+    assert list((artifacts / "predictions" / f"batch_{BATCHES:07d}").glob("*.png"))
+    assert (artifacts / "evaluation" / f"batch_{BATCHES:07d}" / "report.json").is_file()
+    # The checkpoint names its run, for later evaluations of it.
+    run_file = json.loads((Path(result.checkpoint.path) / "mlflow_run.json").read_text())
+    assert run_file["run_id"] == run.info.run_id
 
 
 def test_a_worker_that_dies_is_restarted_from_the_last_checkpoint(
@@ -202,18 +264,38 @@ def search_overrides(cache: Path) -> list[str]:
 
 @pytest.mark.parametrize("algorithm", ["hyperopt", "optuna"])
 def test_tune_asha_stops_trials_at_lower_rungs(
-    local_ray: None, tmp_path: Path, synthetic_cache: Path, algorithm: str
+    straight: tuple,
+    tmp_path: Path,
+    synthetic_cache: Path,
+    mlflow_server: str,
+    algorithm: str,
 ) -> None:
+    from mlflow.tracking import MlflowClient
+
     import model_def
 
+    tracking = f"data.mlflow={{tracking_uri: {mlflow_server}, experiment_name: tune-{algorithm}}}"
     results = tune_search(
-        DEMO, search_overrides(synthetic_cache), search_alg=algorithm, output=tmp_path
+        DEMO, [*search_overrides(synthetic_cache), tracking], search_alg=algorithm, output=tmp_path
     )
     assert len(results) == 4 and not results.errors
     lengths = sorted(int(r.metrics["batches"]) for r in results)
     assert lengths[-1] == 4 and lengths[0] < 4, lengths  # ASHA stopped one at a lower rung
     assert len({r.config["lr"] for r in results}) == 4  # four different points
     best = best_result(results, "bbox_mAP", "max")
+    # Each trial is an MLflow run with its own point and validations; a trial's checkpoint has
+    # the outputs of a Ray Train run (and so of Determined's, see the test above).
+    client = MlflowClient(mlflow_server)
+    experiment = client.get_experiment_by_name(f"tune-{algorithm}")
+    runs = client.search_runs([experiment.experiment_id])
+    logged = sorted(float(r.data.params["lr"]) for r in runs)
+    assert logged == pytest.approx(sorted(r.config["lr"] for r in results), rel=1e-12)
+    for run in runs:
+        steps = [m.step for m in client.get_metric_history(run.info.run_id, "bbox_mAP")]
+        assert steps and steps == list(range(1, len(steps) + 1)), steps  # a validation a batch
+    trained = Path(straight[1].checkpoint.path) / "evaluation"
+    searched = Path(best_checkpoint(best)) / "evaluation"
+    assert sorted(p.name for p in searched.iterdir()) == sorted(p.name for p in trained.iterdir())
     summary = model_def.main(
         ["predict", best_checkpoint(best), str(synthetic_image(synthetic_cache)), "--out",
          str(tmp_path / "predicted")]

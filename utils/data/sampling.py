@@ -140,7 +140,8 @@ class SeededDataset(Dataset):
 
     mmdet's transforms draw from the global `numpy.random` and `random`; seeding them per sample
     makes the augmentation of a batch independent of worker count and of where a run resumed.
-    `pipelines` (a `utils.training.hooks.PipelineSchedule`) sets the pipeline of the sample's epoch first.
+    `pipelines` (a `utils.training.hooks.PipelineSchedule`) sets the pipeline of the sample's
+    epoch first.
     """
 
     def __init__(self, dataset: Dataset, seed: int, pipelines: Any = None) -> None:
@@ -198,20 +199,6 @@ class LoudDataset(Dataset):
                 f"{path}: cannot load it ({type(err).__name__}: {err}). Replace the file, or drop "
                 "the image from the annotation file."
             ) from err
-
-
-class RankSlice(Dataset):
-    """Every `num_replicas`-th sample of `dataset`, from `rank` (a rank's validation share)."""
-
-    def __init__(self, dataset: Dataset, rank: int, num_replicas: int) -> None:
-        self.dataset = dataset
-        self.indices = range(rank, len(dataset), num_replicas)
-
-    def __len__(self) -> int:
-        return len(self.indices)
-
-    def __getitem__(self, index: int) -> Any:
-        return self.dataset[self.indices[index]]
 
 
 class LoaderSeedDraws:

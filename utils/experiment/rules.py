@@ -5,8 +5,8 @@ Two levels, as on the master:
 
 - `section_problems(exp)`: what its first check of a submitted config (the "sanity" check)
   rejects there: unknown keys, wrong types and ranges, unknown searchers and hyperparameter
-  types, a grid search without counts. `tests/utils/experiment/test_expconf_rules.py` holds these rules equal to
-  Determined's own schemas and schema test cases.
+  types, a grid search without counts. `tests/utils/experiment/test_expconf_rules.py` holds
+  these rules equal to Determined's own schemas and schema test cases.
 - `submission_problems(exp)`: also what the master requires before it runs the experiment: a
   searcher with a name and a metric, the searcher's own required keys, no searcher that 0.38
   removed, and ASHA's `max_time` and `time_metric` (0.38 no longer reads `max_length` for it).

@@ -22,88 +22,25 @@ import io
 import json
 import logging
 import numbers
-import os
 import re
 import shutil
 import tempfile
 import time
 from collections.abc import Mapping
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from utils.base.errors import TrackingError
+from utils.training.tracking_settings import MlflowSettings, looks_secret, redact
 
 logger = logging.getLogger(__name__)
 
-SECTION_KEYS = ("tracking_uri", "experiment_name", "tags")
 # In each checkpoint a tracked run writes: the run's id, where later evaluations log to.
 RUN_FILE = "mlflow_run.json"
-# Words of a param name that mark its value as a secret (matched as whole words, not substrings).
-SECRET_WORDS = {
-    "password", "passwd", "token", "secret", "key", "apikey", "credential", "credentials",
-    "signature", "sig",
-}  # fmt: skip
 # MLflow's limits (mlflow.utils.validation), fixed here to keep mlflow unimported when disabled.
 MAX_PARAM_VALUE = 6000
 MAX_NAME = 250
-_URI_USERINFO = re.compile(r"(\b[a-zA-Z][\w+.-]*://)[^/@\s]+@")
-_QUERY_ITEM = re.compile(r"([?&;])([^=&;#\s]+)=([^&;#\s]*)")
 _NOT_IN_NAME = re.compile(r"[^\w\-. /:]")
-
-
-@dataclass
-class MlflowSettings:
-    tracking_uri: str | None  # None: MLflow's default store (./mlruns or MLflow's own default)
-    experiment_name: str
-    tags: dict[str, str] = field(default_factory=dict)
-
-
-def mlflow_settings(
-    exp_conf: Mapping[str, Any], environ: Mapping[str, str] = os.environ
-) -> MlflowSettings | None:
-    """What to track to, or None when MLflow tracking is not enabled (`data.mlflow: false` turns
-    it off even with MLFLOW_TRACKING_URI set)."""
-    section = (exp_conf.get("data") or {}).get("mlflow")
-    if section is False or (section is None and not environ.get("MLFLOW_TRACKING_URI")):
-        return None
-    section = {} if section is None or section is True else section
-    if not isinstance(section, Mapping):
-        raise TrackingError(
-            f"data.mlflow is {section!r}: write a mapping with any of {', '.join(SECTION_KEYS)}, "
-            "or false to turn MLflow tracking off."
-        )
-    unknown = sorted(set(section) - set(SECTION_KEYS))
-    if unknown:
-        raise TrackingError(
-            f"data.mlflow: unknown key(s) {', '.join(unknown)}; use {', '.join(SECTION_KEYS)}."
-        )
-    tags = section.get("tags") or {}
-    if not isinstance(tags, Mapping):
-        raise TrackingError(f"data.mlflow.tags is {tags!r}: write a mapping of tag: value.")
-    name = (
-        section.get("experiment_name")
-        or environ.get("MLFLOW_EXPERIMENT_NAME")
-        or exp_conf.get("name")
-        or "Default"
-    )
-    uri = section.get("tracking_uri") or environ.get("MLFLOW_TRACKING_URI") or None
-    return MlflowSettings(uri, str(name), {str(k): str(v) for k, v in tags.items()})
-
-
-def redact(text: str) -> str:
-    """`text` with the user info of URIs and secret-looking query values replaced by ***."""
-    text = _URI_USERINFO.sub(r"\1***@", text)
-    return _QUERY_ITEM.sub(
-        lambda m: f"{m[1]}{m[2]}=***" if looks_secret(m[2]) else m[0],
-        text,
-    )
-
-
-def looks_secret(name: str) -> bool:
-    """Whether a (dotted, snake or camel case) name has a word such as password, token or key."""
-    words = re.findall(r"[A-Z]?[a-z0-9]+|[A-Z]+(?![a-z])", name)
-    return any(word.lower() in SECRET_WORDS for word in words)
 
 
 def flatten(tree: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:

@@ -21,11 +21,15 @@ from pathlib import Path
 from urllib.parse import unquote, urlsplit
 
 import torch
+from mmengine.logging import MMLogger
 
 from utils.base.errors import WeightsError
 from utils.base.files import CACHE_ROOT, safe_load, strip_module_prefix
 
 logger = logging.getLogger(__name__)
+# Set to 1 for mmengine's weight-initialisation messages (one per parameter: ~420 log lines for
+# Mask R-CNN), which `init_weights` keeps off the console by default.
+INIT_LOG_VARIABLE = "MMDET_DETERMINED_INIT_LOG"
 DEFAULT_CACHE = CACHE_ROOT / "weights"
 LOCK_NAME = ".download.lock"
 TIMEOUT = 60.0  # seconds per socket operation
@@ -181,3 +185,18 @@ def load_weights(model: torch.nn.Module, source: str, cache_dir: Path | None = N
     )  # fmt: skip
     logger.info("load_from: %s", report)
     return report
+
+
+def init_weights(detector: torch.nn.Module) -> None:
+    """The detector's `init_weights()`, with mmengine's messages below WARNING kept out of the
+    log (its init_cfg of every parameter) unless the environment sets INIT_LOG_VARIABLE to 1."""
+    if os.environ.get(INIT_LOG_VARIABLE) == "1":
+        detector.init_weights()
+        return
+    mm_logger = MMLogger.get_current_instance()  # where mmengine's init messages go
+    level = mm_logger.level
+    mm_logger.setLevel(logging.WARNING)
+    try:
+        detector.init_weights()
+    finally:
+        mm_logger.setLevel(level)

@@ -24,7 +24,7 @@ from tests.conftest import REPO, TINY_SYNTHETIC, disk_data, train
 from utils.base.errors import ConfigError, DataError
 from utils.config.build import resolve_config_path
 from utils.evaluation.preflight import evaluation_problems, predicts_masks
-from utils.training.session import INIT_LOG_VARIABLE, init_weights
+from utils.training.weights import INIT_LOG_VARIABLE, init_weights
 
 RETINANET = "configs/synthetic/retinanet_r18_fpn_synthetic.py"
 

@@ -9,12 +9,8 @@ import json
 import logging
 import os
 import shutil
-import signal
-import socket
 import subprocess
 import sys
-import time
-import urllib.request
 from pathlib import Path
 from typing import Any
 
@@ -22,68 +18,13 @@ import pytest
 import yaml
 
 from tests.conftest import REPO, TINY_SYNTHETIC, train
+from tests.servers import free_port
 from utils.experiment.load import ExperimentError, environment_variables
-from utils.training.tracking import TrackingError, looks_secret, mlflow_settings, redact
+from utils.training.tracking import TrackingError
+from utils.training.tracking_settings import looks_secret, mlflow_settings, redact
 
 CONFIG = "configs/synthetic/retinanet_r18_fpn_synthetic.py"
 PASSWORDS = ("URI-PASSWORD", "URL-PASSWORD", "HPARAM-TOKEN")  # must appear nowhere in MLflow
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-@pytest.fixture(scope="module")
-def mlflow_server(tmp_path_factory: pytest.TempPathFactory) -> str:
-    """A tracking server with proxied artifacts; its URI."""
-    root = tmp_path_factory.mktemp("mlflow-server")
-    port = _free_port()
-    log = root / "server.log"
-    command = [
-        str(Path(sys.executable).parent / "mlflow"),
-        "server",
-        "--backend-store-uri",
-        f"sqlite:///{root}/mlflow.db",
-        "--artifacts-destination",
-        str(root / "artifacts"),
-        "--host",
-        "127.0.0.1",
-        "--port",
-        str(port),
-        "--workers",
-        "1",
-    ]
-    # The job executor starts seven worker processes that this test has no use for.
-    env = {**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}
-    with log.open("w") as stream:
-        server = subprocess.Popen(
-            command, stdout=stream, stderr=subprocess.STDOUT, env=env, start_new_session=True
-        )
-    uri = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.monotonic() + 120
-        while True:
-            if server.poll() is not None:
-                pytest.fail(f"mlflow server exited ({server.returncode}):\n{log.read_text()}")
-            try:
-                with urllib.request.urlopen(f"{uri}/health", timeout=2) as response:
-                    if response.status == 200:
-                        break
-            except OSError:
-                pass
-            if time.monotonic() > deadline:
-                pytest.fail(f"mlflow server not ready after 120 s:\n{log.read_text()}")
-            time.sleep(0.25)
-        yield uri
-    finally:
-        os.killpg(server.pid, signal.SIGTERM)  # its session: the uvicorn worker too
-        try:
-            server.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            os.killpg(server.pid, signal.SIGKILL)
-            server.wait()
 
 
 @pytest.fixture(scope="module")
@@ -190,7 +131,8 @@ def test_params_that_look_secret_are_not_logged(mlflow_server: str) -> None:
     secret are the logged tree's own: a secret-looking name is left out, a URL's login hidden."""
     from mlflow.tracking import MlflowClient
 
-    from utils.training.tracking import MlflowRun, MlflowSettings
+    from utils.training.tracking import MlflowRun
+    from utils.training.tracking_settings import MlflowSettings
 
     run = MlflowRun(MlflowSettings(mlflow_server, "mlflow-test-params"))
     with _captured_output() as output:
@@ -458,10 +400,11 @@ def test_section_under_data_passes_determineds_schema() -> None:
 def test_unreachable_server_stops_the_start_naming_the_setting(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    from utils.training.tracking import MlflowRun, MlflowSettings
+    from utils.training.tracking import MlflowRun
+    from utils.training.tracking_settings import MlflowSettings
 
     monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
-    run = MlflowRun(MlflowSettings(f"http://u:URI-PASSWORD@127.0.0.1:{_free_port()}", "e"))
+    run = MlflowRun(MlflowSettings(f"http://u:URI-PASSWORD@127.0.0.1:{free_port()}", "e"))
     with pytest.raises(
         TrackingError, match="check data.mlflow.tracking_uri or MLFLOW_TRACKING_URI"
     ) as err:
