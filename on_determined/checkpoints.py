@@ -8,7 +8,6 @@ code it trained with (`code/`); this package's trials add the mmdet export (`mmd
 from __future__ import annotations
 
 import logging
-import re
 import shutil
 from pathlib import Path
 from typing import Any
@@ -17,14 +16,15 @@ import torch
 from mmengine.config import Config
 
 from utils.base.errors import ConfigError, DataError, ExportError
-from utils.base.files import CACHE_ROOT, safe_load, strip_module_prefix
+from utils.base.files import safe_load, strip_module_prefix
 from utils.experiment.load import environment_variables
+from utils.inference.commands import FETCHED, UUID, checkpoint_run
 from utils.training import export
 from utils.training.plan import build_config
-from utils.training.tracking import RUN_FILE, MlflowSettings, mlflow_settings
+from utils.training.tracking import RUN_FILE
+from utils.training.tracking_settings import MlflowSettings
 
 logger = logging.getLogger(__name__)
-UUID = re.compile(r"[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}")
 # The callback keys the session's state was kept under: "session" now, "ema" (EMA weights
 # only) in checkpoints written before the session existed.
 SESSION_KEYS = ("session", "ema")
@@ -110,7 +110,7 @@ def local_checkpoint(checkpoint: str) -> str:
         return checkpoint
     from determined.experimental import client
 
-    folder = CACHE_ROOT / "checkpoints" / checkpoint
+    folder = FETCHED / checkpoint
     if not folder.is_dir():
         logger.info("Downloading checkpoint %s into %s", checkpoint, folder)
         partial = folder.with_name(f"{checkpoint}.partial")  # renamed once complete
@@ -143,17 +143,16 @@ def checkpoint_tracking(
     if (folder / "load_data.json").is_file():
         conf = export.read_json(folder / "load_data.json").get("experiment_config") or {}
     variables = {**environment_variables(conf, torch.cuda.is_available()), **environ}
-    settings = mlflow_settings(conf, variables)
-    if settings is None:
-        return None, None
-    if (folder / RUN_FILE).is_file():
-        return settings, export.read_json(folder / RUN_FILE).get("run_id")
-    if (folder / "state_dict.pth").is_file():  # written before RUN_FILE was
-        try:
-            state = safe_load(folder / "state_dict.pth", mmap=True)
-        except Exception:  # torch raises many types for a truncated or foreign file
-            logger.warning("%s cannot be read for its MLflow run.", folder / "state_dict.pth")
-            return settings, None
-        run = ((state.get("callbacks") or {}).get("mlflow") or {}).get("run_id")
+    settings, run = checkpoint_run(folder, variables, conf)
+    if (
+        settings is None
+        or (folder / RUN_FILE).is_file()
+        or not (folder / "state_dict.pth").is_file()
+    ):
         return settings, run
-    return settings, None
+    try:  # a checkpoint written before RUN_FILE was
+        state = safe_load(folder / "state_dict.pth", mmap=True)
+    except Exception:  # torch raises many types for a truncated or foreign file
+        logger.warning("%s cannot be read for its MLflow run.", folder / "state_dict.pth")
+        return settings, None
+    return settings, ((state.get("callbacks") or {}).get("mlflow") or {}).get("run_id")

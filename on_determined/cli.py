@@ -1,5 +1,6 @@
 """`model_def.py`'s command line: train locally or on a cluster, check an experiment, or run a
-command on a checkpoint (`export`, `predict`)."""
+command on a checkpoint (`export`, `predict`, `evaluate`: utils/inference/commands.py, with
+Determined's checkpoints)."""
 
 from __future__ import annotations
 
@@ -11,14 +12,14 @@ from typing import Any
 import determined as det
 from determined import pytorch
 
-from on_determined.commands import COMMANDS
+from on_determined.commands import CHECKPOINTS
 from on_determined.context import context_problem
 from on_determined.local import run_local
 from on_determined.trial import MMDetTrial
-from utils.base.errors import USER_ERRORS
 from utils.check.experiment import check_experiment
 from utils.config.build import accumulative_counts
 from utils.experiment import load as experiment
+from utils.inference.commands import COMMANDS, add_commands, positive_int, run_command
 
 USAGE = """\
 On a cluster the experiment's entrypoint runs model_def.py:
@@ -33,17 +34,6 @@ A checkpoint's detector for MMDetection's tools, and batch inference with it:
 Evaluate a checkpoint on a test split (metrics, plots; into its MLflow run where configured):
     python model_def.py evaluate CHECKPOINT ANNOTATION_FILE [--image-root DIR] [--out DIR]
 """
-
-
-def positive_int(text: str) -> int:
-    """An argparse type: an integer >= 1."""
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"{value} is not a positive integer")
-    return value
 
 
 def parse_args(argv: list[str]) -> argparse.Namespace:
@@ -106,19 +96,11 @@ def run_on_cluster() -> None:
         )
 
 
-def run_command(argv: list[str]) -> Any:
-    """`export CHECKPOINT --out DIR`, `predict CHECKPOINT INPUT... --out DIR` and `evaluate
-    CHECKPOINT ANNOTATION_FILE` (see --help)."""
+def command_parser() -> argparse.ArgumentParser:
+    """`export`, `predict` and `evaluate`: the arguments `python -m on_ray` takes too."""
     parser = argparse.ArgumentParser(prog="model_def.py")
-    commands = parser.add_subparsers(dest="command", required=True)
-    for name, (doc, add_arguments, _) in COMMANDS.items():
-        add_arguments(commands.add_parser(name, help=doc.splitlines()[0]))
-    args = parser.parse_args(argv)
-    try:
-        return COMMANDS[args.command][2](args)
-    except USER_ERRORS as err:
-        option = " --experiment" if isinstance(err, experiment.ExperimentError) else ""
-        raise SystemExit(f"{args.command}{option}: {err}") from err
+    add_commands(parser.add_subparsers(dest="command", required=True))
+    return parser
 
 
 def main(argv: list[str] | None = None) -> Any:
@@ -127,7 +109,7 @@ def main(argv: list[str] | None = None) -> Any:
     argv = sys.argv[1:] if argv is None else list(argv)
     logging.basicConfig(level=logging.INFO, format=det.LOG_FORMAT)
     if argv[:1] and argv[0] in COMMANDS:
-        return run_command(argv)
+        return run_command(command_parser().parse_args(argv), CHECKPOINTS)
     args = parse_args(argv)
     # Errors in what the command line names (the experiment file, --set, --resume, the
     # experiment's keys) end the command with their one-line message; errors of the run itself

@@ -1,5 +1,6 @@
 """`python -m on_ray`'s command line: `train` (Ray Train), `tune` (Ray Tune), `serve` (Ray
-Serve)."""
+Serve), and `export`, `predict`, `evaluate` as model_def.py runs them (utils/inference/commands.py),
+on Ray's checkpoint folders. Nothing here needs Determined."""
 
 from __future__ import annotations
 
@@ -7,11 +8,22 @@ import argparse
 import logging
 import sys
 import warnings
+from pathlib import Path
 from typing import Any
 
 from on_ray.serve_cli import arguments as serve_arguments
 from on_ray.serve_cli import serve
-from utils.base.versions import RAY_CHECKED, check_versions
+from utils.base.errors import PredictError
+from utils.base.versions import check_versions
+from utils.inference.commands import (
+    COMMANDS,
+    FETCHED,
+    UUID,
+    Checkpoints,
+    add_commands,
+    positive_int,
+    run_command,
+)
 
 USAGE = """\
 One run of an experiment on Ray Train (a local Ray, or a cluster's with --address):
@@ -20,18 +32,42 @@ A hyperparameter search of the experiment on Ray Tune:
     python -m on_ray tune EXPERIMENT.yaml [--search-alg random|hyperopt|optuna] [--set ...]
 A checkpoint behind a batched HTTP API and a web page, on Ray Serve:
     python -m on_ray serve CHECKPOINT [--replicas N | --autoscale MIN,MAX] [--port 8000]
+A checkpoint's export, batch inference and evaluation, as with model_def.py (CHECKPOINT: a Ray
+checkpoint folder, <storage>/<run>/checkpoint_*, or any folder model_def.py takes):
+    python -m on_ray export CHECKPOINT --out DIR
+    python -m on_ray predict CHECKPOINT INPUT... --out DIR
+    python -m on_ray evaluate CHECKPOINT ANNOTATION_FILE [--image-root DIR] [--out DIR]
 """
 
 
-def positive_int(text: str) -> int:
-    """An argparse type: an integer >= 1."""
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"{value} is not a positive integer")
-    return value
+def ray_checkpoint(checkpoint: str) -> str:
+    """The CHECKPOINT of `export`, `predict` and `evaluate` as a local folder: a Ray checkpoint
+    (`<storage>/<run>/checkpoint_*`), a Determined checkpoint or an export folder as it is; a
+    Determined checkpoint UUID once model_def.py has fetched it (on_ray talks to no master)."""
+    path = Path(checkpoint)
+    if "://" in checkpoint:  # a --storage URI: the cloud's own tools copy it
+        raise PredictError(
+            f"Checkpoint {checkpoint} is in cloud storage: copy its folder here first (e.g. "
+            "`gsutil cp -r` or `aws s3 cp --recursive`), then pass that folder."
+        )
+    runs = sorted(path.glob("checkpoint_*")) if path.is_dir() else []
+    if runs and not (path / "mmdet").is_dir():  # names sort by batches (zero-padded)
+        raise PredictError(
+            f"{path} is a Ray run's folder: pass one of its checkpoints, e.g. its last, {runs[-1]}."
+        )
+    if path.exists() or not UUID.fullmatch(checkpoint):
+        return checkpoint
+    if (FETCHED / checkpoint).is_dir():
+        return str(FETCHED / checkpoint)
+    raise PredictError(
+        f"Checkpoint {checkpoint} is not a folder here, nor a Determined checkpoint fetched "
+        f"before: run `python model_def.py export {checkpoint} --out DIR` once (DET_MASTER and "
+        f"`det user login`), then pass DIR or the UUID (kept in {FETCHED})."
+    )
+
+
+# Ray's checkpoints hold the mmdet export and name their MLflow run: read as any engine's.
+CHECKPOINTS = Checkpoints(locate=ray_checkpoint)
 
 
 def common_arguments(parser: argparse.ArgumentParser, output: str) -> None:
@@ -55,7 +91,8 @@ def common_arguments(parser: argparse.ArgumentParser, output: str) -> None:
     )
 
 
-def parse_args(argv: list[str]) -> argparse.Namespace:
+def build_parser() -> argparse.ArgumentParser:
+    """Every command's arguments; `export`, `predict` and `evaluate` take model_def.py's."""
     parser = argparse.ArgumentParser(
         prog="python -m on_ray", description=USAGE, formatter_class=argparse.RawTextHelpFormatter
     )
@@ -75,16 +112,20 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
         help="who picks the points: random draws (Determined's), or HyperOpt's / Optuna's TPE",
     )
     tune.add_argument("--seed", type=int, default=0, help="the search algorithm's seed")
-    serve_arguments(commands.add_parser("serve", help="a checkpoint on Ray Serve"), positive_int)
-    return parser.parse_args(argv)
+    serve_arguments(commands.add_parser("serve", help="a checkpoint on Ray Serve"))
+    add_commands(commands)
+    return parser
 
 
 def main(argv: list[str] | None = None) -> Any:
-    """Run a command; returns Ray's result (train) or result grid (tune)."""
+    """Run a command; returns Ray's result (train), result grid (tune), or what `export`,
+    `predict` and `evaluate` return."""
     warnings.filterwarnings("ignore", message="pkg_resources is deprecated", category=UserWarning)
-    check_versions(RAY_CHECKED)
-    args = parse_args(sys.argv[1:] if argv is None else list(argv))
+    check_versions("ray")  # the shared stack and Ray's packages; Determined is not needed
+    args = build_parser().parse_args(sys.argv[1:] if argv is None else list(argv))
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    if args.command in COMMANDS:
+        return run_command(args, CHECKPOINTS)
     if args.command == "serve":
         return serve(args)
     common = dict(

@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 import argparse
-from collections.abc import Callable
 
 from on_ray.serve_api import Settings
+from utils.inference.commands import positive_int
 
 DEFAULTS = Settings()
 
@@ -21,8 +21,8 @@ def replica_range(text: str) -> tuple[int, int]:
     return low, high
 
 
-def arguments(parser: argparse.ArgumentParser, positive_int: Callable[[str], int]) -> None:
-    """The serve command's arguments; `positive_int`: the command line's argparse type."""
+def arguments(parser: argparse.ArgumentParser) -> None:
+    """The serve command's arguments."""
     parser.add_argument(
         "checkpoint",
         help="checkpoint folder (Determined or Ray, with mmdet/ inside), an export folder "

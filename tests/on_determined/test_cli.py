@@ -4,6 +4,7 @@ as they stop `--check`. In-process through `model_def.main`, except the script e
 from __future__ import annotations
 
 import json
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -146,3 +147,22 @@ def test_script_prints_run_errors_as_one_line(tmp_path: Path, synthetic_cache: P
     assert "Traceback" not in result.stderr
     last = result.stderr.strip().splitlines()[-1]
     assert last.startswith("model_def.py: hyperparameters.config_file: config 'configs/nope.py'")
+
+
+def test_export_of_a_folder_without_training_state(trained_maskrcnn: Path, tmp_path: Path) -> None:
+    """A Ray checkpoint or an export folder (an mmdet export, no Determined training state):
+    `export` writes its export as it is, as `python -m on_ray export` does."""
+    (checkpoint,) = (trained_maskrcnn / "determined").iterdir()
+    ray = tmp_path / "checkpoint_0000002"
+    shutil.copytree(checkpoint / "mmdet", ray / "mmdet")
+    for source in (ray, ray / "mmdet"):
+        out = model_def.main(["export", str(source), "--out", str(tmp_path / source.name)])
+        for name in ("model.pth", "config.py"):
+            assert (out / name).read_bytes() == (ray / "mmdet" / name).read_bytes(), name
+
+
+@pytest.mark.parametrize("command", ["predict", "evaluate"])
+def test_a_zero_batch_size_is_one_line(tmp_path: Path, command: str) -> None:
+    inputs = ["ann.json"] if command == "evaluate" else ["image.png", "--out", str(tmp_path)]
+    message = exit_message(command, str(tmp_path), *inputs, "--batch-size", "0")
+    assert message == f"{command}: --batch-size 0: use 1 or more."

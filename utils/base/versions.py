@@ -1,4 +1,9 @@
-"""Start-up check that the installed stack is the pinned one (torch/mmcv/mmdet break first)."""
+"""Start-up check that the installed stack is the pinned one (torch/mmcv/mmdet break first).
+
+Each command checks the shared stack and its own engine's packages, no others: `python -m on_ray`
+runs where Determined is not installed, `model_def.py` where Ray is not. `python -m
+utils.base.versions` (the set-up's last step) checks everything the lock installs.
+"""
 
 from __future__ import annotations
 
@@ -7,10 +12,12 @@ from pathlib import Path
 
 LOCK_FILE = Path(__file__).resolve().parents[2] / "requirements.lock"
 MMCV_VERSION = "2.1.0"
-# The packages whose combination is fragile; the rest of the lock is checked by `pip check`.
-CHECKED = ("torch", "torchvision", "mmengine", "mmdet", "numpy", "determined", "pycocotools")
-# The Ray adapter's engine and search algorithms, checked when it starts.
-RAY_CHECKED = ("ray", "hyperopt", "optuna")
+# The packages whose combination is fragile, which every command needs (mmcv is checked last,
+# once its version is known to be right); the rest of the lock is checked by `pip check`.
+SHARED = ("torch", "torchvision", "mmengine", "mmdet", "numpy", "pycocotools")
+# Each engine's own packages: Determined for model_def.py; Ray and the search algorithms of
+# `python -m on_ray tune` for on_ray.
+ENGINES = {"determined": ("determined",), "ray": ("ray", "hyperopt", "optuna")}
 
 
 def pinned_versions(lock_file: Path = LOCK_FILE) -> dict[str, str]:
@@ -25,8 +32,16 @@ def pinned_versions(lock_file: Path = LOCK_FILE) -> dict[str, str]:
     return pins
 
 
+def checked_packages(*engines: str) -> tuple[str, ...]:
+    """The packages a command of `engines` checks: the shared stack, the engines' own, mmcv."""
+    unknown = [engine for engine in engines if engine not in ENGINES]
+    if unknown:  # a caller's typo must not silently check less
+        raise ValueError(f"engine {unknown[0]!r} is unknown; use one of {', '.join(ENGINES)}.")
+    return (*SHARED, *(name for engine in engines for name in ENGINES[engine]), "mmcv")
+
+
 def version_problems(
-    pins: dict[str, str], names: tuple[str, ...] = (*CHECKED, "mmcv")
+    pins: dict[str, str], names: tuple[str, ...] = checked_packages()
 ) -> list[str]:
     """Describe every package of `names` whose installed version differs from its pin."""
     problems = []
@@ -48,10 +63,14 @@ def version_problems(
     return problems
 
 
-def check_versions(extra: tuple[str, ...] = ()) -> None:
-    """Raise with an actionable message when the installed stack (and the `extra` packages)
-    differs from requirements.lock."""
-    problems = version_problems(pinned_versions(), (*CHECKED, *extra, "mmcv"))
+def check_versions(engine: str = "determined") -> None:
+    """Raise with an actionable message when the shared stack or `engine`'s packages differ from
+    requirements.lock: "determined" for model_def.py (the default), "ray" for `python -m on_ray`."""
+    raise_problems(version_problems(pinned_versions(), checked_packages(engine)))
+
+
+def raise_problems(problems: list[str]) -> None:
+    """Raise the message `check_versions` gives when there are problems."""
     if problems:
         raise RuntimeError(
             "The installed packages differ from the pins in requirements.lock:\n  "
@@ -62,5 +81,6 @@ def check_versions(extra: tuple[str, ...] = ()) -> None:
 
 
 if __name__ == "__main__":
-    check_versions()
-    print("Pinned stack OK: " + ", ".join(f"{n} {md.version(n)}" for n in (*CHECKED, "mmcv")))
+    names = checked_packages(*ENGINES)  # what the set-up installs: every engine's packages
+    raise_problems(version_problems(pinned_versions(), names))
+    print("Pinned stack OK: " + ", ".join(f"{n} {md.version(n)}" for n in names))

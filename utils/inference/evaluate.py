@@ -23,7 +23,8 @@ from utils.evaluation.plots import draw_report
 from utils.evaluation.report import REPORT_DIR, evaluation_report, save_report
 from utils.inference.inputs import coco_inputs
 from utils.inference.predict import run_predictions
-from utils.training.tracking import MlflowRun, MlflowSettings
+from utils.training.tracking import MlflowRun
+from utils.training.tracking_settings import MlflowSettings
 
 logger = logging.getLogger(__name__)
 METRICS_FILE = "metrics.json"
