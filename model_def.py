@@ -13,14 +13,19 @@ import sys
 import warnings
 from typing import Any
 
+from on_determined.logs import quiet_engine_log
 from utils.base.versions import check_versions
 
 
 def main(argv: list[str] | None = None) -> Any:
-    """`on_determined.cli.main`, after the version check."""
+    """`on_determined.cli.main`, after the version check; local runs and commands without
+    Determined's own INFO lines (`on_determined/logs.py`)."""
     # mmengine imports pkg_resources (hence setuptools<82); its deprecation notice is noise.
     warnings.filterwarnings("ignore", message="pkg_resources is deprecated", category=UserWarning)
     check_versions()  # before mmdet is imported: on a wrong mmcv it fails with a bare assert
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv:  # a local run, --check or a command; a cluster trial (no arguments) logs as before
+        quiet_engine_log()
     from on_determined.cli import main as cli_main
 
     return cli_main(argv)

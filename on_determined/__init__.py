@@ -1,8 +1,11 @@
-"""Determined as one engine of the training session: the only package that imports `determined`.
+"""Determined as one engine of the core: the only package that imports `determined`.
 
-- `trial`: the PyTorchTrial wrapping `utils.training.session.TrainingSession`.
-- `callbacks`: the trial's callbacks, in one ordered list.
+- `trial`: the PyTorchTrial: the core's train step and validation pass on Determined's context.
+- `callbacks`: Determined's events forwarded to the core's validation pass and run outputs.
 - `local`: local runs through Determined's Trainer (one process, or one per slot under torchrun).
-- `checkpoints`: Determined checkpoint folders (fetch by UUID, weights, config, export).
-- `commands`, `cli`: `model_def.py`'s command line.
+- `checkpoints`, `commands`: Determined checkpoint folders (fetch by UUID, weights, export) for
+  the shared `export`, `predict` and `evaluate` commands.
+- `context`: what `det experiment create` uploads (`.detignore`), for `--check`.
+- `logs`: Determined's per-report INFO lines kept off a local console.
+- `cli`: `model_def.py`'s command line.
 """

@@ -8,6 +8,7 @@ import argparse
 import logging
 import sys
 import warnings
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -15,12 +16,14 @@ from on_ray.serve_cli import arguments as serve_arguments
 from on_ray.serve_cli import serve
 from utils.base.errors import PredictError
 from utils.base.versions import check_versions
+from utils.experiment.load import environment_variables
 from utils.inference.commands import (
     COMMANDS,
     FETCHED,
     UUID,
     Checkpoints,
     add_commands,
+    checkpoint_run,
     positive_int,
     run_command,
 )
@@ -66,8 +69,24 @@ def ray_checkpoint(checkpoint: str) -> str:
     )
 
 
-# Ray's checkpoints hold the mmdet export and name their MLflow run: read as any engine's.
-CHECKPOINTS = Checkpoints(locate=ray_checkpoint)
+def ray_tracking(checkpoint: Path, environ: Mapping[str, str]) -> tuple[Any, str | None]:
+    """The MLflow settings and run of a Ray checkpoint: its experiment's `data.mlflow` and
+    environment variables (the shell's win, as in a run), the run its RUN_FILE names."""
+    from on_ray.state import experiment_of  # the command's own imports stay light for --help
+
+    conf = experiment_of(checkpoint)
+    variables = {**environment_variables(conf, torch_cuda()), **environ}
+    return checkpoint_run(checkpoint, variables, conf)
+
+
+def torch_cuda() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
+
+
+# Ray's checkpoints hold the mmdet export, their experiment, and name their MLflow run.
+CHECKPOINTS = Checkpoints(locate=ray_checkpoint, tracking=ray_tracking)
 
 
 def common_arguments(parser: argparse.ArgumentParser, output: str) -> None:

@@ -3,7 +3,7 @@ mmdet export (`mmdet/model.pth`, `mmdet/config.py`) and prediction drawings as D
 
     training_state.pth   the chief's: model, optimizer, LR schedule, loss scaler, session state
     rng/rank_<r>.pth     each rank's random generators (merged into one folder by Ray)
-    metadata.json        {"batches_trained": N, "engine": "ray"}
+    metadata.json        {"batches_trained": N, "engine": "ray", "experiment": {...}}
     mmdet/               the export `predict`, `export` and mmdet's tools load
     predictions/         the last validation's drawings
 """
@@ -27,7 +27,7 @@ METADATA_FILE = "metadata.json"
 RNG_DIR = "rng"
 
 
-def write_chief_state(folder: Path, session: TrainingSession) -> None:
+def write_chief_state(folder: Path, session: TrainingSession, experiment: dict[str, Any]) -> None:
     """The chief's part: training state and metadata (the mmdet export and the drawings are the
     run's outputs, `utils.training.outputs.RunOutputs.checkpoint`)."""
     state = {
@@ -39,7 +39,13 @@ def write_chief_state(folder: Path, session: TrainingSession) -> None:
         "batches_trained": session.batches_trained,
     }
     torch.save(state, folder / STATE_FILE)
-    metadata = {"batches_trained": session.batches_trained, "engine": "ray"}
+    # The experiment, as Determined keeps it with a checkpoint: later commands (evaluate) log to
+    # the MLflow settings of its data section and environment.
+    metadata = {
+        "batches_trained": session.batches_trained,
+        "engine": "ray",
+        "experiment": experiment,
+    }
     (folder / METADATA_FILE).write_text(json.dumps(metadata))
 
 
@@ -59,6 +65,16 @@ def rng_state(device: torch.device) -> dict[str, Any]:
     if device.type == "cuda":
         state["cuda"] = torch.cuda.get_rng_state(device)
     return state
+
+
+def experiment_of(folder: Path) -> dict[str, Any]:
+    """The experiment a checkpoint (or the one around its `mmdet/` export) was trained by; {} if
+    it does not say (not ours, or written before checkpoints kept it)."""
+    for candidate in (folder, folder.parent):
+        metadata = candidate / METADATA_FILE
+        if metadata.is_file():
+            return json.loads(metadata.read_text()).get("experiment") or {}
+    return {}
 
 
 def batches_of(folder: Path) -> int:

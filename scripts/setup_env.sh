@@ -3,7 +3,7 @@
 #
 # mmcv 2.1.0 (the newest release mmdet 3.3.0 accepts) ships no wheel for torch 2.14, so we build it
 # from the PyPI sdist with compiled ops and keep the wheel in $MMCV_WHEEL_CACHE: only the first
-# set-up on a machine pays for the build (about 7 minutes on 2 cores, CPU ops).
+# set-up on a machine pays for the build (7-35 minutes on 2 cores, CPU ops).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 

@@ -23,6 +23,7 @@ from utils.base.errors import ExperimentError
 
 ray = pytest.importorskip("ray")
 from on_ray import state  # noqa: E402
+from on_ray.cli import ray_tracking  # noqa: E402
 from on_ray.train import train  # noqa: E402
 from on_ray.tune import best_checkpoint, best_result, tune_search  # noqa: E402
 
@@ -221,6 +222,10 @@ def test_ray_train_logs_to_mlflow(straight: tuple, mlflow_server: str, tmp_path:
     # The checkpoint names its run, for later evaluations of it.
     run_file = json.loads((Path(result.checkpoint.path) / "mlflow_run.json").read_text())
     assert run_file["run_id"] == run.info.run_id
+    # `python -m on_ray evaluate` on the checkpoint logs there: the checkpoint keeps its experiment.
+    settings, run_id = ray_tracking(Path(result.checkpoint.path) / "mmdet", {})
+    assert (settings.tracking_uri, settings.experiment_name) == (mlflow_server, "ray-train")
+    assert run_id == run.info.run_id
 
 
 def test_a_worker_that_dies_is_restarted_from_the_last_checkpoint(
