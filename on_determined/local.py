@@ -19,9 +19,9 @@ from determined import pytorch
 from on_determined.callbacks import CheckpointFirst, ValidationFailed
 from on_determined.trial import MMDetTrial
 from utils.base.errors import ExperimentError
-from utils.config.build import accumulative_counts
 from utils.experiment import load as experiment
 from utils.training.keys import check_experiment_keys
+from utils.training.plan import plan_run
 from utils.training.progress import METRICS_FILE, print_final_validation
 from utils.training.resumable import check_resumable
 
@@ -99,6 +99,14 @@ def run_local(
         os.environ[name] = env[name]
         print(f"environment.environment_variables: set {name}", flush=True)
     hparams = experiment.local_hparams(exp_conf.get("hyperparameters") or {})
+    # Planned once, here, before any process group or Determined context: the trial gets this
+    # plan, and Determined the aggregation frequency from it. The processes are torchrun's.
+    plan = plan_run(
+        hparams,
+        exp_conf.get("data") or {},
+        world_size=max(int(os.environ.get("WORLD_SIZE", "1")), 1),
+        searcher=exp_conf.get("searcher") or {},
+    )
     output = Path(output).resolve()
     output.mkdir(parents=True, exist_ok=True)
     # Determined's local checkpoints go to $XDG_DATA_HOME/determined: keep them under --output.
@@ -113,7 +121,7 @@ def run_local(
         hparams=hparams,
         exp_conf=exp_conf,
         distributed=distributed,
-        aggregation_frequency=accumulative_counts(hparams),
+        aggregation_frequency=plan.accumulation,
     ) as context:
         # Local TensorBoard files: Determined would write them to ./runs of the working directory.
         context._core.train._tbd_directory = output / "tensorboard"
@@ -122,6 +130,7 @@ def run_local(
             resumed_batches=resumed_batches,
             max_batches=max_batches,
             report_to=metrics_path if chief else None,
+            plan=plan,
         )
         if resume:
             check_resumable(resume, trial.session.cfg)

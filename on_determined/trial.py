@@ -1,9 +1,9 @@
 """The PyTorchTrial: Determined's way of driving the engine-free training session.
 
-Every step hands over to `utils.training.session.TrainingSession`; what is left here is
-Determined's:
-wrapping the model, optimizer, scaler and LR schedule so that its Trainer steps, syncs and
-checkpoints them, its data loaders, and the callbacks (`on_determined/callbacks.py`).
+The training step and the validation pass are the core's (`utils/training/loop.py`), on the
+session of `utils/training/session.py`; what is left here is Determined's: wrapping the model,
+optimizer, scaler and LR schedule so that its Trainer steps, syncs and checkpoints them, its
+data loaders, its reducer, and the callbacks (`on_determined/callbacks.py`).
 
 A validation that fails (an image that does not load, a prediction, the evaluation) does not
 raise where it fails: a rank raising alone would leave the others waiting in Determined's
@@ -14,8 +14,6 @@ checkpointed the trained weights (`callbacks.SessionState`).
 
 from __future__ import annotations
 
-import pickle
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -24,42 +22,54 @@ from determined import pytorch
 
 from on_determined.callbacks import build_callbacks
 from utils.base.files import allow_numpy_globals
-from utils.evaluation.evaluator import CocoEvaluator
-from utils.evaluation.validation import RankValidation, combine, failure_keeping_loader
+from utils.evaluation.validation import failure_keeping_loader
+from utils.training.loop import ValidationPass, train_step
 from utils.training.plan import RunPlan, config_seed, plan_run
 from utils.training.session import TrainingSession
 
 
 class EvaluatorReducer(pytorch.MetricReducer):
-    """Gathers every rank's COCO entries and evaluates them once, on the chief; a failure on
-    any rank becomes the chief's VALIDATION_FAILURE (see the module's docstring)."""
+    """Determined's collective for the core's validation pass: every rank's share gathered,
+    evaluated once on the chief (`ValidationPass.result`)."""
 
-    def __init__(self, evaluator: CocoEvaluator, chief: bool) -> None:
-        self.rank = RankValidation(evaluator)
+    def __init__(self, validation: ValidationPass, chief: bool) -> None:
+        self.validation = validation
         self.chief = chief
 
     def reset(self) -> None:
-        self.rank.reset()
-
-    def update(self, batch: Any, predict: Callable[[Any], list[Any]]) -> None:
-        self.rank.update(batch, predict)
+        pass  # the pass starts in ValidationStart (callbacks), before the first batch
 
     def per_slot_reduce(self) -> bytes:
-        # Determined's allgather sends every rank's share to every rank. As one pickled blob,
-        # the other ranks get bytes they never decode instead of building every rank's entries
-        # (at COCO val size, hundreds of thousands of objects per rank, on shared cores).
-        return pickle.dumps(self.rank.share(), protocol=pickle.HIGHEST_PROTOCOL)
+        return self.validation.share()
 
     def cross_slot_reduce(self, per_slot_metrics: list[bytes]) -> dict[str, Any]:
         # The chief's metrics are broadcast to the others before the callbacks see them
         # (Determined does when a callback reads them: ours do).
-        if not self.chief:
-            return {}
-        return combine(self.rank.evaluator, [pickle.loads(share) for share in per_slot_metrics])
+        return self.validation.result(per_slot_metrics) if self.chief else {}
+
+
+class DeterminedSteps:
+    """The core's optimizer steps (`utils.training.loop.OptimizerSteps`) by Determined's context,
+    which syncs, accumulates and averages the gradients of what it wrapped itself."""
+
+    def __init__(self, context: pytorch.PyTorchTrialContext, optimizer: Any, scaler: Any) -> None:
+        self.context = context
+        self.optimizer = optimizer
+        self.scaler = scaler
+
+    def backward(self, loss: Any, steps: bool) -> None:
+        self.context.backward(loss)
+
+    def step(self, steps: bool, clip: Any) -> None:
+        # Called every batch: Determined steps at its aggregation frequency (the plan's
+        # accumulation, see on_determined/local.py), which is when `steps` is true.
+        self.context.step_optimizer(self.optimizer, clip_grads=clip, scaler=self.scaler)
 
 
 def plan_trial(context: pytorch.PyTorchTrialContext) -> RunPlan:
-    """The run plan of the trial's hyperparameters, data section, slots and searcher."""
+    """The run plan of the trial's hyperparameters, data section, slots and searcher: on a
+    cluster, where Determined builds the trial itself (a local run plans before and hands its
+    plan to the trial)."""
     return plan_run(
         context.get_hparams(),
         context.get_data_config(),
@@ -96,10 +106,13 @@ class MMDetTrial(pytorch.PyTorchTrial):
         resumed_batches: int = 0,
         max_batches: int | None = None,
         report_to: Path | None = None,
+        plan: RunPlan | None = None,
     ) -> None:
         allow_numpy_globals()  # Determined restores its checkpoints with torch.load
         self.context = context
-        plan = plan_trial(context)
+        # `plan`: a local run's, made once before Determined's context (it needed the plan's
+        # accumulation); on a cluster Determined builds the trial, which plans from its context.
+        plan = plan if plan is not None else plan_trial(context)
         self.session = session = TrainingSession(
             plan,
             seed=trial_seed(plan, context),
@@ -116,8 +129,10 @@ class MMDetTrial(pytorch.PyTorchTrial):
         context.wrap_lr_scheduler(
             session.lr_schedulers, step_mode=pytorch.LRScheduler.StepMode.MANUAL_STEP
         )
-        self.reducer = context.wrap_reducer(
-            EvaluatorReducer(session.evaluator, chief=context.distributed.rank == 0),
+        self.steps = DeterminedSteps(context, self.optimizer, session.scaler)
+        self.validation = ValidationPass(session)
+        context.wrap_reducer(
+            EvaluatorReducer(self.validation, chief=context.distributed.rank == 0),
             for_training=False,
         )
         schedule_length = session.schedule.max_batches
@@ -134,28 +149,13 @@ class MMDetTrial(pytorch.PyTorchTrial):
         return self.session.val_loader(failure_keeping_loader(pytorch.DataLoader), rank=None)
 
     def train_batch(self, batch: Any, epoch_idx: int, batch_idx: int) -> dict[str, Any]:
-        session = self.session
-        # Locally resumed runs count batches from 0 again; on a cluster batch_idx continues.
-        index = batch_idx + session.resumed_batches
-        loss, metrics = session.training_loss(batch, index)
-        self.context.backward(loss)
-
-        def clip(params: Any) -> None:
-            norm = session.clip(params)
-            if session.schedule.accumulation == 1:  # else not every batch has one to report
-                metrics["grad_norm"] = norm
-
-        self.context.step_optimizer(
-            self.optimizer,
-            clip_grads=clip if session.clip_grad else None,
-            scaler=session.scaler,
-        )
-        session.after_step(index, metrics)
-        return metrics
+        return train_step(self.session, batch, self.steps)
 
     def evaluate_batch(self, batch: Any, batch_idx: int) -> dict[str, Any]:
-        self.reducer.update(batch, self.session.predict)
+        self.validation.add(batch)
         return {}
 
     def build_callbacks(self) -> dict[str, pytorch.PyTorchCallback]:
-        return build_callbacks(self.session, self.context, self.report_to, self.max_batches)
+        return build_callbacks(
+            self.session, self.validation, self.context, self.report_to, self.max_batches
+        )

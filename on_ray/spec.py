@@ -4,7 +4,10 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:  # the plan's module imports mmdet: the spec stays light to import
+    from utils.training.plan import RunPlan
 
 
 @dataclass(frozen=True)
@@ -14,6 +17,8 @@ class WorkerSpec:
     Attributes:
         experiment: the experiment YAML, `--set` applied.
         hparams: the trial's hyperparameters (one value each).
+        plan: the run planned once, by the driver (a Tune trial: by the trial) for these
+            hyperparameters and the workers' number: workers build from it, they do not plan.
         output: the chief's local folder for `metrics.jsonl` and TensorBoard files.
         max_batches: a cap on the training length (None: the schedule's).
         report_every: batches per training report.
@@ -27,6 +32,7 @@ class WorkerSpec:
 
     experiment: dict[str, Any]
     hparams: dict[str, Any]
+    plan: RunPlan
     output: str
     max_batches: int | None = None
     report_every: int = 20

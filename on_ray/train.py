@@ -26,7 +26,7 @@ from utils.base.errors import TrainingStopped
 from utils.evaluation.validation import VALIDATION_FAILURE
 from utils.experiment import load as experiment
 from utils.training.keys import check_experiment_keys
-from utils.training.plan import plan_run
+from utils.training.plan import RunPlan, plan_run, prepare_data
 from utils.training.progress import METRICS_FILE, print_final_validation
 from utils.training.resumable import check_resumable
 
@@ -51,19 +51,23 @@ def train_loop(config: dict[str, Any]) -> None:
 
 def prepare(
     experiment_file: str, overrides: list[str], workers: int | None, resume: str | None
-) -> tuple[dict[str, Any], dict[str, Any], int]:
-    """The experiment, its hyperparameters and the worker count, checked as `--local` checks
-    them and planned once here: a bad config or checkpoint fails before Ray starts anything."""
+) -> tuple[dict[str, Any], RunPlan]:
+    """The experiment, checked as `--local` checks it, and its run planned once, here, for the
+    workers (their hyperparameters and number are the plan's): a bad config, bad data or a
+    checkpoint of another model fails before Ray starts anything."""
     exp = experiment.load_experiment(experiment_file, overrides)
     check_experiment_keys(exp)
     hparams = experiment.local_hparams(exp.get("hyperparameters") or {})
     slots = (exp.get("resources") or {}).get("slots_per_trial", 1)
     count = workers if workers is not None else int(slots)
     plan = plan_run(hparams, exp.get("data") or {}, world_size=count, searcher=exp.get("searcher"))
+    # The data read here as the workers will read it, so that bad data is named now; the
+    # workers get the plan (not this prepared copy) and ready the data on their own hosts.
+    prepared = prepare_data(plan)
     if resume:
         state.batches_of(Path(resume))  # one of ours
-        check_resumable(resume, plan.cfg)  # of this model
-    return exp, hparams, count
+        check_resumable(resume, prepared.cfg)  # of this model (with the data's classes)
+    return exp, plan
 
 
 def train(
@@ -83,7 +87,8 @@ def train(
 
     `storage`: Ray's storage path for checkpoints (a folder or a cloud URI; default
     `<output>/ray`); `batch_hook`: see `WorkerSpec`."""
-    exp, hparams, count = prepare(experiment_file, overrides, workers, resume)
+    exp, plan = prepare(experiment_file, overrides, workers, resume)
+    count = plan.world_size
     output = Path(output).resolve()
     if resume:
         resume = str(Path(resume).resolve())
@@ -92,7 +97,8 @@ def train(
     name = f"{exp.get('name') or 'mmdet'}-{time.strftime('%Y%m%d-%H%M%S')}"
     spec = WorkerSpec(
         experiment=exp,
-        hparams=hparams,
+        hparams=plan.hparams,
+        plan=plan,
         output=str(output),
         max_batches=max_batches,
         report_every=report_every,

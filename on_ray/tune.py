@@ -7,6 +7,7 @@ checkpoints); a trial of `slots_per_trial` > 1 runs its own `TorchTrainer`. The 
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import math
 import os
@@ -30,15 +31,23 @@ from on_ray.train import train_loop
 from on_ray.worker import run_worker
 from utils.experiment import load as experiment
 from utils.training.keys import check_experiment_keys
-from utils.training.plan import plan_run
+from utils.training.plan import plan_run, prepare_data
 
 
 def tune_trial(config: dict[str, Any], spec: WorkerSpec, workers: int, use_gpu: bool) -> None:
-    """One trial: the sampled hyperparameters, trained on one worker here or on `workers`."""
+    """One trial: the sampled hyperparameters, planned once here and trained on one worker here
+    or on `workers`, which get the plan."""
     context = ray.tune.get_context()
+    exp = spec.experiment
+    # From the driver's directory, where the experiment's relative config paths start.
+    with contextlib.chdir(spec.cwd if spec.cwd and Path(spec.cwd).is_dir() else "."):
+        plan = plan_run(
+            config, exp.get("data") or {}, world_size=workers, searcher=exp.get("searcher")
+        )
     spec = dataclasses.replace(
         spec,
         hparams=config,
+        plan=plan,
         output=str(Path(spec.output) / context.get_trial_name()),
         run_name=f"{spec.run_name} {context.get_trial_name()}",
     )
@@ -110,8 +119,10 @@ def tune_search(
     space = search_space(specs, search.grid)
     base = experiment.local_hparams(specs)
     workers = int((exp.get("resources") or {}).get("slots_per_trial", 1))
-    # The config of the local values, planned once here: its errors come before any trial.
-    plan_run(base, exp.get("data") or {}, world_size=workers, searcher=searcher)
+    # The run of the local values, planned and its data read here: their errors come before any
+    # trial. Each trial plans its own hyperparameters once (`tune_trial`).
+    plan = plan_run(base, exp.get("data") or {}, world_size=workers, searcher=searcher)
+    prepare_data(plan)
     output = Path(output).resolve()
     cluster.connect(address)
     use_gpu = cluster.check_workers(workers, "resources.slots_per_trial")
@@ -119,6 +130,7 @@ def tune_search(
     spec = WorkerSpec(
         experiment=exp,
         hparams=base,
+        plan=plan,  # each trial's replaces it
         output=str(output / name),
         max_batches=max_batches,
         report_every=report_every,

@@ -8,6 +8,8 @@ from pathlib import Path
 
 import pytest
 
+from tests.servers import mlflow_server  # noqa: F401  (a fixture, for every module)
+
 REPO = Path(__file__).resolve().parent.parent
 
 # A few images are enough for the plumbing tests; the demo uses the generator's defaults.

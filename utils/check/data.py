@@ -1,11 +1,12 @@
 """`--check`'s view of the data: read it as the trial would when it is on this machine, else say
 which checks could not be made.
 
-Data on this machine (generated, or a disk root that exists) is planned with its files checked
-(annotation files, `data.classes`), its datasets built as the session builds them, and every
-image file looked for. A disk root that is missing here is a problem, unless the experiment
-mounts it into the containers (`bind_mounts`, or a pod spec's `volumeMounts`): the data then
-lives on the cluster's agents. Data on GCS is not read.
+Data on this machine (generated, or a disk root that exists) is prepared as the session
+prepares it (`utils.training.plan.prepare_data`: generated, annotation files and `data.classes`
+checked), its datasets built as the session builds them, and every image file looked for. A disk
+root that is missing here is a problem, unless the experiment mounts it into the containers
+(`bind_mounts`, or a pod spec's `volumeMounts`): the data then lives on the cluster's agents.
+Data on GCS is not read.
 """
 
 from __future__ import annotations
@@ -99,7 +100,8 @@ class DataReport:
 
 
 def read_data(plan: RunPlan) -> DataReport:
-    """Build both datasets as the session does, and look for every image file."""
+    """Build both datasets of a prepared plan (`prepare_data`) as the session does, and look
+    for every image file."""
     train = build_dataset(plan.cfg, "train")
     val = build_dataset(plan.cfg, "val")
     classes = tuple(leaf_datasets(val)[0].metainfo["classes"])

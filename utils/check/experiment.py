@@ -1,15 +1,14 @@
 """Pre-submission check of an experiment YAML, on this machine, without a cluster.
 
-It plans the run as the session does (`utils.training.plan.plan_run`: the resolved mmdet config,
-hook plan
-and batch split), builds the model on the CPU (no weights), and checks what a Determined 0.38.1
-master would reject in the searcher, hyperparameters and resources (`utils.experiment.rules`), the
-keys the trial reads (`utils.training.keys`), the hyperparameters' values, that the config files
-are in
-the uploaded context (`on_determined.context`), and what the first validation would fail on
-(`utils.evaluation.preflight`). Data on this machine is read as the trial would read it
-(`utils.check.data`): classes, image counts, the `Schedule` and the bad-data checks; data
-elsewhere is named with the checks that could not be made.
+It reads the run's plan (`utils.training.plan.plan_run`: the resolved mmdet config, hook plan
+and batch split, as the session gets it), builds the model on the CPU (no weights), and checks
+what a Determined 0.38.1 master would reject in the searcher, hyperparameters and resources
+(`utils.experiment.rules`), the keys the trial reads (`utils.training.keys`), the
+hyperparameters' values, that the config files are in the uploaded context
+(`on_determined.context`), and what the first validation would fail on
+(`utils.evaluation.preflight`). Data on this machine is prepared and read as the trial would
+(`prepare_data`, `utils.check.data`): classes, image counts, the `Schedule` and the bad-data
+checks; data elsewhere is named with the checks that could not be made.
 """
 
 from __future__ import annotations
@@ -34,8 +33,8 @@ from utils.experiment.load import local_hparams
 from utils.experiment.rules import hyperparameters_problems, submission_problems
 from utils.training.hooks import yolox_switch_epoch
 from utils.training.keys import data_key_problems, hyperparameter_key_problems, known_part
-from utils.training.plan import RunPlan, plan_run
-from utils.training.tracking import mlflow_settings, redact
+from utils.training.plan import RunPlan, plan_run, prepare_data
+from utils.training.tracking_settings import mlflow_settings, redact
 
 NUMERIC = ("lr", "weight_decay", "momentum")
 SEARCHER_KEYS = ("max_trials", "max_concurrent_trials", "time_metric", "max_time", "max_rungs")
@@ -159,9 +158,9 @@ def check_experiment(
         problems.append(place.problem)
     try:
         hparams, known_data = known_part(local_hparams(specs), data)
-        plan = plan_run(
-            hparams, known_data, world_size=slots, searcher=searcher, verify_paths=place.here
-        )
+        plan = plan_run(hparams, known_data, world_size=slots, searcher=searcher)
+        if place.here:  # the data readied as the session readies it: generated, checked
+            plan = prepare_data(plan)
         model = MODELS.build(plan.cfg.model)
         report = read_data(plan) if place.here else None
     except USER_ERRORS as err:

@@ -67,9 +67,11 @@ def load_config(hparams: dict[str, Any]) -> Config:
 
 
 def accumulative_counts(hparams: dict[str, Any]) -> int:
-    """Batches per optimizer step (`optim_wrapper.accumulative_counts`), known before any data.
+    """Batches per optimizer step (`optim_wrapper.accumulative_counts`), from the config files.
 
-    The training engine needs it before the trial is built (Determined's aggregation frequency).
+    For Determined's cluster entry point, which gives it (the aggregation frequency) to
+    Determined before the trial exists to plan the run; where a plan exists, read
+    `RunPlan.accumulation` instead (the same value).
     """
     cfg = load_config(hparams)
     apply_overrides(cfg, hparams.get("override_mmdet_config") or {})

@@ -46,6 +46,7 @@ __all__ = [
     "GCSNotFoundError",
     "GCSPermissionError",
     "RetryPolicy",
+    "cached_path",
     "download_annotations",
     "get_client",
     "read_object",
@@ -91,6 +92,13 @@ def _download(blob: storage.Blob, target: Path, timeout: float) -> None:
         raise
 
 
+def cached_path(cache_dir: Path, bucket: str, name: str) -> Path:
+    """Where `download_annotations` keeps object `name` of `bucket`: known before it downloads."""
+    if name.startswith("/") or ".." in Path(name).parts:
+        raise ValueError(f"object name {name!r} would leave the cache folder")
+    return Path(cache_dir) / bucket / name
+
+
 def download_annotations(
     bucket: str, blob_names: list[str], cache_dir: Path, policy: RetryPolicy | None = None
 ) -> list[Path]:
@@ -108,9 +116,7 @@ def download_annotations(
         # Blocks until the holder is done; the kernel drops the lock if the holder dies.
         fcntl.flock(lock, fcntl.LOCK_EX)
         for name in blob_names:
-            if name.startswith("/") or ".." in Path(name).parts:
-                raise ValueError(f"object name {name!r} would leave the cache folder")
-            target = cache_dir / bucket / name
+            target = cached_path(cache_dir, bucket, name)
             blob = get_client().bucket(bucket).blob(name)
             call_with_retries(
                 lambda b=blob: b.reload(timeout=policy.timeout, retry=None), bucket, name, policy
@@ -184,10 +190,11 @@ class GCSBackend(BaseStorageBackend):
 def register_gcs_backend(worker_id: int | None = None) -> None:
     """Register `GCSBackend` with MMEngine's file backends as `gcs` and for `gs://`; idempotent.
 
-    Called where a `gs://` path is configured (`apply_data_section`). A data-loader worker started
-    by fork inherits the registration; one started by spawn or forkserver (a config's
-    `env_cfg.mp_cfg.mp_start_method`) must register again: pass this function as the loader's
-    `worker_init_fn` (`worker_id` is what the loader passes; unused).
+    Called where a run's gs:// data is prepared (`utils.data.source.prepare_source`, in every
+    process that builds datasets: a plan shipped to another process carries no registration). A
+    data-loader worker started by fork inherits the registration; one started by spawn or
+    forkserver (a config's `env_cfg.mp_cfg.mp_start_method`) must register again: pass this
+    function as the loader's `worker_init_fn` (`worker_id` is what the loader passes; unused).
     """
     # force: registering again, or after a re-import of this module, replaces the entry.
     register_backend("gcs", GCSBackend, force=True, prefixes="gs")

@@ -1,24 +1,34 @@
 """Where a trial's data comes from: generated, a COCO or VOC folder on disk, or a GCS bucket.
 
-Points the config's train/val datasets and evaluator at the data the experiment's `data` section
-names, with the classes of the annotation file, and fails with the key to fix when data is missing.
+Two steps, so that a run's plan reads nothing but config files (it is made once and shipped to
+other processes and hosts):
+
+- `plan_data` points the config's train/val datasets and evaluator at the data the experiment's
+  `data` section names, with the classes it names, and fails with the key to fix when the
+  section is wrong; it returns a `DataPlan`: what the data needs on a host.
+- `prepare_source` makes that true on this host: generates the synthetic set, fetches the GCS
+  annotation files, checks the paths and annotation files, and gives the config the annotation
+  file's classes when the section names none. The per-host caches and file locks of
+  `synthetic`, `gcs` and `annotations` make it cheap to repeat, from every rank of a host.
 """
 
 from __future__ import annotations
 
+import copy
 import logging
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from mmengine.config import Config
 
+from utils.base.errors import DataError
+from utils.base.files import CACHE_ROOT
+from utils.config.evaluators import evaluator_configs
+from utils.config.tree import SPLITS, base_dataset, set_num_classes
 from utils.data import synthetic
 from utils.data.annotations import AnnotationReport, check_coco_file
-from utils.config.tree import SPLITS, base_dataset, set_num_classes
-from utils.base.errors import DataError
-from utils.config.evaluators import evaluator_configs
-from utils.base.files import CACHE_ROOT
-from utils.data.voc import apply_voc_section, use_coco_format
+from utils.data.voc import VOC_SPLIT_DEFAULTS, apply_voc_section, check_voc_paths, use_coco_format
 
 logger = logging.getLogger(__name__)
 
@@ -38,10 +48,45 @@ SYNTHETIC_LAYOUT = {
 }
 
 
-def apply_data_section(cfg: Config, data: dict[str, Any], verify_paths: bool = True) -> None:
+@dataclass(frozen=True)
+class DataPlan:
+    """What a run's data needs on a host before its datasets are built; picklable.
+
+    Attributes:
+        backend: synthetic, disk or gcs.
+        format: coco or voc.
+        root: the datasets' `data_root`.
+        ann_files: split -> the local COCO annotation file the datasets read (none for VOC).
+        img_dirs: split -> the image folder that must exist (COCO on disk).
+        classes: the classes the section names (the generated set's by default); None: the
+            validation annotation file's categories, read by `prepare_source`.
+        spec: the generated set's parameters (synthetic).
+        cache_dir: where generated sets (synthetic) and annotation downloads (`gcs/`) are kept.
+        bucket: the GCS bucket (gcs).
+        blobs: the annotation objects fetched into `ann_files`, in SPLITS order (gcs).
+        years: the VOC years (voc).
+        voc_splits: `train_split` and `val_split` (voc).
+    """
+
+    backend: str
+    format: str
+    root: str
+    ann_files: dict[str, str] = field(default_factory=dict)
+    img_dirs: dict[str, str] = field(default_factory=dict)
+    classes: tuple[str, ...] | None = None
+    spec: synthetic.SyntheticSpec | None = None
+    cache_dir: str = str(CACHE_ROOT)
+    bucket: str | None = None
+    blobs: tuple[str, ...] = ()
+    years: tuple[int | str, ...] = ()
+    voc_splits: dict[str, str] = field(default_factory=dict)
+
+
+def plan_data(cfg: Config, data: dict[str, Any]) -> DataPlan:
     """Point the config's train/val datasets and evaluator at the data the experiment names.
 
-    `verify_paths=False` (for checks on a machine without the data) skips reading the data.
+    Reads no data (nothing is generated, fetched or checked: `prepare_source` does that); a
+    section that cannot work (an unknown backend, a missing root or bucket) fails here.
     """
     backend = data.get("backend", "disk")
     data_format = data.get("format", "coco")
@@ -50,66 +95,62 @@ def apply_data_section(cfg: Config, data: dict[str, Any], verify_paths: bool = T
     if data_format == "voc" and backend != "synthetic":
         if backend != "disk":
             raise DataError(f"data.format voc reads from data.backend disk, not {backend!r}.")
-        apply_voc_section(cfg, data, verify_paths)
-        return
+        apply_voc_section(cfg, data, verify_paths=False)  # the folders: prepare_source's
+        years = data.get("years", [2007])  # valid: apply_voc_section checked them
+        return DataPlan(
+            backend,
+            data_format,
+            str(Path(data["root"]).expanduser()),
+            years=tuple([years] if isinstance(years, int | str) else years),
+            voc_splits={key: data.get(key, value) for key, value in VOC_SPLIT_DEFAULTS.items()},
+        )
     if data_format == "voc":
         logger.warning("data.backend=synthetic: the generated data are COCO, not VOC.")
     use_coco_format(cfg)
     layout = {key: data.get(key, default) for key, default in DISK_DEFAULTS.items()}
+    cache_dir = str(Path(data.get("cache_dir") or CACHE_ROOT))
+    classes = data.get("classes")
+    extra: dict[str, Any] = {}
     if backend == "synthetic":
         spec = synthetic.SyntheticSpec(**(data.get("synthetic") or {}))
-        root = str(synthetic.ensure_dataset(Path(data.get("cache_dir") or CACHE_ROOT), spec))
+        root = str(synthetic.dataset_root(Path(cache_dir), spec))
         layout = SYNTHETIC_LAYOUT
         # Generated shapes need no ImageNet features, and tests and demos must not download.
         # The config's detector weights too (a `load_from` hyperparameter is the user's choice).
         dropped = drop_pretrained(cfg.model) + bool(cfg.pop("load_from", None))
         if dropped:
             logger.warning("data.backend=synthetic: the model's pretrained weights are not loaded.")
-        ann_files = {split: Path(root, layout[f"{split}_ann"]) for split in SPLITS}
-        data = {**data, "classes": data.get("classes") or list(synthetic.CLASSES)}
+        ann_files = {split: str(Path(root, layout[f"{split}_ann"])) for split in SPLITS}
+        classes = classes or list(synthetic.CLASSES)
+        extra = dict(spec=spec)
     elif backend == "disk":
         if not data.get("root"):
             raise DataError("data.root is not set: name the folder that holds the COCO dataset.")
         root = str(Path(data["root"]).expanduser())
-        ann_files = {split: Path(root, layout[f"{split}_ann"]) for split in SPLITS}
-        if verify_paths:
-            for split in SPLITS:
-                check_split_paths(
-                    split, ann_files[split], Path(root, layout[f"{split}_img_prefix"])
-                )
+        ann_files = {split: str(Path(root, layout[f"{split}_ann"])) for split in SPLITS}
+        img_dirs = {split: str(Path(root, layout[f"{split}_img_prefix"])) for split in SPLITS}
+        extra = dict(img_dirs=img_dirs)
     elif backend in ("gcs", "gcp"):  # "gcp" is the name the original example documented
         from utils.data import gcs  # lazily: only gs:// data need the Cloud Storage client
 
-        # The gs:// file backend that mmcv's LoadImageFromFile and mmdet's datasets read through.
-        gcs.register_gcs_backend()
         if not data.get("bucket"):
             raise DataError("data.bucket is not set: name the GCS bucket that holds the dataset.")
+        bucket = data["bucket"]
         prefix = (data.get("prefix") or "").strip("/")
-        root = f"gs://{data['bucket']}/{prefix + '/' if prefix else ''}"
-        blobs = [f"{prefix}/{layout[f'{split}_ann']}".lstrip("/") for split in SPLITS]
-        if verify_paths:
-            cache = Path(data.get("cache_dir") or CACHE_ROOT) / "gcs"
-            local = gcs.download_annotations(data["bucket"], blobs, cache)
-        else:
-            local = [Path(blob) for blob in blobs]
-        ann_files = dict(zip(SPLITS, local, strict=True))
+        root = f"gs://{bucket}/{prefix + '/' if prefix else ''}"
+        blobs = tuple(f"{prefix}/{layout[f'{split}_ann']}".lstrip("/") for split in SPLITS)
+        # The datasets read the local copies that prepare_source downloads.
+        local = [gcs.cached_path(Path(cache_dir, "gcs"), bucket, blob) for blob in blobs]
+        ann_files = {split: str(path) for split, path in zip(SPLITS, local, strict=True)}
+        extra = dict(bucket=bucket, blobs=blobs)
     else:
         raise DataError(f"data.backend {backend!r} is unknown; use one of {', '.join(BACKENDS)}.")
 
-    classes = data.get("classes")
-    if verify_paths:
-        reports = {split: check_coco_file(ann_files[split]) for split in SPLITS}
-        classes = classes_of(reports["val"], classes)
     for split in SPLITS:
         dataset = base_dataset(cfg[f"{split}_dataloader"].dataset)
         dataset.data_root = root
-        dataset.ann_file = str(ann_files[split]) if verify_paths else layout[f"{split}_ann"]
+        dataset.ann_file = ann_files[split]
         dataset.data_prefix = dict(img=layout[f"{split}_img_prefix"])
-        if classes:
-            dataset.metainfo = dict(classes=tuple(classes))
-            if backend == "synthetic" and tuple(classes) == synthetic.CLASSES:
-                # COCO's palette would draw circles and squares in two close reds.
-                dataset.metainfo["palette"] = list(synthetic.PALETTE)
         if data.get("image_cache_bytes") and backend in ("gcs", "gcp"):
             # Each process keeps up to this many bytes of images in memory: later epochs re-read
             # them without network traffic.
@@ -117,11 +158,67 @@ def apply_data_section(cfg: Config, data: dict[str, Any], verify_paths: bool = T
             for step in dataset.pipeline:
                 if step.type == "LoadImageFromFile":
                     step.backend_args = args
-    evaluators = evaluator_configs(cfg.val_evaluator)
-    for evaluator in evaluators:
-        evaluator.ann_file = str(ann_files["val"])
-    if classes:
-        set_num_classes(cfg.model, len(classes))
+    for evaluator in evaluator_configs(cfg.val_evaluator):
+        evaluator.ann_file = ann_files["val"]
+    plan = DataPlan(
+        "gcs" if backend == "gcp" else backend,
+        "coco",  # generated data are COCO whatever the section says (warned above)
+        root,
+        ann_files=ann_files,
+        classes=tuple(classes) if classes else None,
+        cache_dir=cache_dir,
+        **extra,
+    )
+    if plan.classes:
+        apply_classes(cfg, plan.classes, plan.backend)
+    return plan
+
+
+def prepare_source(cfg: Config, plan: DataPlan) -> Config:
+    """Make the planned data readable on this host and check it; returns the config to build
+    from: `cfg` itself, or a copy with the annotation file's classes when the section names none.
+
+    Generates the synthetic set, fetches the GCS annotation files (and registers the gs:// file
+    backend in this process), checks that the paths exist and the annotation files are sound
+    (`check_coco_file`) and that named classes are in them. Safe and cheap to repeat from every
+    rank of a host: each step keeps its outcome in a per-host cache, behind a file lock.
+    """
+    if plan.format == "voc":
+        root = Path(plan.root)
+        for year in plan.years:
+            check_voc_paths(root, year, "train_split", plan.voc_splits["train_split"])
+        check_voc_paths(root, plan.years[0], "val_split", plan.voc_splits["val_split"])
+        return cfg
+    ann_files = {split: Path(path) for split, path in plan.ann_files.items()}
+    if plan.backend == "synthetic":
+        synthetic.ensure_dataset(Path(plan.cache_dir), plan.spec)
+    elif plan.backend == "disk":
+        for split in SPLITS:
+            check_split_paths(split, ann_files[split], Path(plan.img_dirs[split]))
+    else:
+        from utils.data import gcs
+
+        # The gs:// file backend that mmcv's LoadImageFromFile and mmdet's datasets read through.
+        gcs.register_gcs_backend()
+        gcs.download_annotations(plan.bucket, list(plan.blobs), Path(plan.cache_dir, "gcs"))
+    reports = {split: check_coco_file(ann_files[split]) for split in SPLITS}
+    classes = classes_of(reports["val"], list(plan.classes) if plan.classes else None)
+    if plan.classes:
+        return cfg  # given to the config when planned, and now checked against the file
+    cfg = copy.deepcopy(cfg)  # the plan's config stays as planned
+    apply_classes(cfg, tuple(classes), plan.backend)
+    return cfg
+
+
+def apply_classes(cfg: Config, classes: tuple[str, ...], backend: str) -> None:
+    """The classes into both datasets' metainfo and every head's `num_classes`."""
+    for split in SPLITS:
+        dataset = base_dataset(cfg[f"{split}_dataloader"].dataset)
+        dataset.metainfo = dict(classes=tuple(classes))
+        if backend == "synthetic" and tuple(classes) == synthetic.CLASSES:
+            # COCO's palette would draw circles and squares in two close reds.
+            dataset.metainfo["palette"] = list(synthetic.PALETTE)
+    set_num_classes(cfg.model, len(classes))
 
 
 def classes_of(report: AnnotationReport, classes: list[str] | None) -> list[str]:

@@ -183,6 +183,11 @@ def _discard(folder: Path) -> None:
     shutil.rmtree(trash, ignore_errors=True)
 
 
+def dataset_root(cache_dir: Path, spec: SyntheticSpec) -> Path:
+    """Where `ensure_dataset` keeps the dataset of `spec`: known without generating it."""
+    return Path(cache_dir) / f"synthetic-{spec.key()}"
+
+
 def ensure_dataset(cache_dir: Path, spec: SyntheticSpec | None = None) -> Path:
     """Return `cache_dir/synthetic-<key>`, generating it once; safe for concurrent callers.
 
@@ -195,7 +200,7 @@ def ensure_dataset(cache_dir: Path, spec: SyntheticSpec | None = None) -> Path:
     """
     spec = spec or SyntheticSpec()
     cache_dir = Path(cache_dir)
-    target = cache_dir / f"synthetic-{spec.key()}"
+    target = dataset_root(cache_dir, spec)
     if _is_complete(target):
         return target
     cache_dir.mkdir(parents=True, exist_ok=True)

@@ -11,9 +11,9 @@ from typing import Any
 
 from mmengine.config import Config, ConfigDict
 
-from utils.config.tree import SPLITS, base_dataset, dataset_slot, set_num_classes
 from utils.base.errors import DataError
 from utils.config.evaluators import evaluator_configs
+from utils.config.tree import SPLITS, base_dataset, dataset_slot, set_num_classes
 
 VOC_SPLIT_DEFAULTS = {"train_split": "trainval", "val_split": "test"}
 # The registered name of VOCMetric with prefixed results (see `register_voc_metric`).

@@ -1,40 +1,47 @@
-"""What a run is before anything is built (`RunPlan`), and the datasets it trains on.
+"""What a run is before anything is built (`RunPlan`), and the one step that readies its data.
 
-The training session builds from a plan; `--check` reads the same plan, so both see one config,
-one hook plan and one schedule.
+`plan_run` reads the experiment and the config files and nothing else: the plan is made once
+(by the local run, the Ray driver, a Tune trial, `--check`) and handed to whatever builds the run,
+in this process or another (it pickles). `prepare_data` then readies the plan's data on the host
+that builds datasets from it (generation, downloads, annotation checks, the annotation file's
+classes); the training session calls it itself, so no engine can build from unprepared data.
 """
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
 from mmdet.utils import register_all_modules
 from mmengine.config import Config
+from mmengine.utils import import_modules_from_strings
 
 from utils.base.errors import ConfigError
 from utils.config.build import apply_hparams, apply_overrides, load_config, scale_lr
-from utils.config.schedule import Schedule
+from utils.config.schedule import Schedule, accumulation
 from utils.config.tree import base_dataset
-from utils.data.source import apply_data_section
+from utils.data.source import DataPlan, plan_data, prepare_source
 from utils.experiment.load import training_length
 from utils.training.hooks import HookPlan, plan_hooks
 from utils.training.keys import check_run_keys
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)
 class RunPlan:
     """What a run is, before anything is built: shared by the session and `--check`.
 
     Attributes:
-        cfg: the resolved mmdet config (hyperparameters, data section and overrides applied).
+        cfg: the resolved mmdet config (hyperparameters, data section and overrides applied;
+            the annotation file's classes once prepared, when the data section names none).
         hparams: the trial's hyperparameters.
         hooks: what the config's `custom_hooks` ask of the loop.
         world_size: processes sharing each global batch.
         global_batch: images per step over all processes.
         length: the engine's training length `(value, "epochs" | "batches")` (a searcher's
             `max_time`), or None for the config's `train_cfg`.
+        data: what the data needs on a host before datasets are built (`prepare_data`).
     """
 
     cfg: Config
@@ -43,9 +50,27 @@ class RunPlan:
     world_size: int
     global_batch: int
     length: tuple[int, str] | None
+    data: DataPlan
 
     def schedule(self, train_images: int) -> Schedule:
         return Schedule.build(self.cfg, train_images, self.global_batch, self.length)
+
+    @property
+    def accumulation(self) -> int:
+        """Batches per optimizer step (the config's `optim_wrapper.accumulative_counts`)."""
+        return accumulation(self.cfg)
+
+    def __eq__(self, other: object) -> bool:
+        # mmengine's Config compares by identity: a plan shipped to another process (pickled)
+        # equals its original by what the config holds.
+        if not isinstance(other, RunPlan):
+            return NotImplemented
+        fields = [field.name for field in dataclasses.fields(self) if field.name != "cfg"]
+        return self.cfg.to_dict() == other.cfg.to_dict() and all(
+            getattr(self, name) == getattr(other, name) for name in fields
+        )
+
+    __hash__ = None  # a plan holds a mutable config
 
 
 def plan_run(
@@ -54,32 +79,62 @@ def plan_run(
     *,
     world_size: int = 1,
     searcher: dict[str, Any] | None = None,
-    verify_paths: bool = True,
 ) -> RunPlan:
-    """The run's config and hook plan; an unsupported hook or setting, or a hyperparameter or
-    data key the run does not read, fails here, before any model or data is built."""
+    """The run's config, hook plan, batch split and length, from the experiment alone.
+
+    Reads the config files and nothing else (no data is generated, fetched or checked: see
+    `prepare_data`). An unsupported hook or setting, a hyperparameter or data key the run does
+    not read, or a data section that cannot work fails here, before anything is built."""
     check_run_keys(hparams, data)
     register_all_modules(init_default_scope=True)
-    cfg = build_config(hparams, data, world_size, verify_paths)
+    cfg, data_plan = resolve_config(hparams, data, world_size)
     hooks = plan_hooks(cfg)
     length = training_length(searcher or {})
-    return RunPlan(cfg, hparams, hooks, world_size, hparams["global_batch_size"], length)
+    return RunPlan(cfg, hparams, hooks, world_size, hparams["global_batch_size"], length, data_plan)
 
 
-def build_config(
-    hparams: dict[str, Any], data: dict[str, Any], slots: int = 1, verify_paths: bool = True
-) -> Config:
-    """The trial's config: `config_file`, `merge_config` on top, hyperparameters, data, overrides.
+def prepare_data(plan: RunPlan) -> RunPlan:
+    """The plan with its data ready on this host: generated, fetched, checked (bad data fails
+    here, naming the file or key), and the annotation file's classes in its config when the data
+    section names none. The plan passed in is left as it is.
+
+    Call it once in each process that builds datasets, before building them: the training
+    session does, for every engine; `--check` does where it reads the data. Idempotent, and
+    cheap after the first call on a host (per-host caches and file locks), so the ranks of a host
+    and a driver before them may all call it.
+    """
+    # A plan made in another process (Ray ships it) brings no registrations: this process
+    # needs mmdet's modules and the config's `custom_imports` to build from it.
+    register_all_modules(init_default_scope=True)
+    imports = plan.cfg.get("custom_imports")
+    if imports:
+        import_modules_from_strings(**imports)
+    return dataclasses.replace(plan, cfg=prepared_config(plan.cfg, plan.data, plan.hparams))
+
+
+def prepared_config(cfg: Config, data_plan: DataPlan, hparams: dict[str, Any]) -> Config:
+    """`cfg` with its data ready here (`prepare_source`); the hyperparameters' overrides stay on
+    top of the classes it may set, as they are on top of everything else the data section sets."""
+    prepared = prepare_source(cfg, data_plan)
+    if prepared is not cfg:
+        apply_overrides(prepared, hparams.get("override_mmdet_config") or {})
+    return prepared
+
+
+def resolve_config(
+    hparams: dict[str, Any], data: dict[str, Any], slots: int = 1
+) -> tuple[Config, DataPlan]:
+    """The trial's config (`config_file`, `merge_config` on top, hyperparameters, data,
+    overrides) and what its data needs on a host; reads nothing but the config files.
 
     Args:
         hparams: the trial's hyperparameters (`config_file`, `global_batch_size`, `lr`, ...).
         data: the experiment's `data` section (`backend`, paths).
         slots: processes sharing the global batch (`resources.slots_per_trial`).
-        verify_paths: check that the data's files exist (off for checks without the data).
     """
     cfg = load_config(hparams)
     apply_hparams(cfg, hparams)
-    apply_data_section(cfg, data, verify_paths)
+    data_plan = plan_data(cfg, data)
     global_batch = hparams.get("global_batch_size")
     if not isinstance(global_batch, int) or global_batch < 1:
         raise ConfigError(
@@ -99,7 +154,17 @@ def build_config(
             "hyperparameters.global_batch_size / resources.slots_per_trial; set those instead."
         )
     apply_overrides(cfg, overrides)
-    return cfg
+    return cfg, data_plan
+
+
+def build_config(
+    hparams: dict[str, Any], data: dict[str, Any], slots: int = 1, verify_paths: bool = True
+) -> Config:
+    """The run's config alone, for callers that need no plan (export, benchmarks, tests): as
+    `plan_run` resolves it, then with its data ready here as `prepare_data` readies it, unless
+    `verify_paths` is False (a machine without the data)."""
+    cfg, data_plan = resolve_config(hparams, data, slots)
+    return prepared_config(cfg, data_plan, hparams) if verify_paths else cfg
 
 
 def config_seed(cfg: Config) -> int | None:

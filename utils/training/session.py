@@ -1,18 +1,11 @@
 """The training session: everything a run needs, assembled once, for any training engine.
 
-An engine (Determined's trial in `on_determined/`, a plain PyTorch loop in the tests) builds a
-`TrainingSession` from a `RunPlan` and calls its small steps; it owns nothing of the run itself:
-
-    plan = plan_run(hparams, data, world_size=2)               # config, hooks, batch split
-    session = TrainingSession(plan, seed=0, rank=r, device=d)  # model, data, optimizer, ...
-    session.model = DistributedDataParallel(session.detector)  # the engine's wrapper, if any
-    for index, batch in enumerate(session.train_loader(rank=r)):
-        loss, metrics = session.training_loss(batch, index)
-        loss.backward(); session.clip(params); optimizer.step(); optimizer.zero_grad()
-        session.after_step(index, metrics)
-
-The session keeps the one loop position (`batches_trained`); the MessageHub, the EMA hook and
-the LR schedulers are told it, and callbacks read it.
+An engine (Determined's trial, the Ray worker, the tests' plain loop) builds a `TrainingSession`
+from a `RunPlan`, wraps `session.model` if it must (DDP), and runs the core's loop over it
+(`utils/training/loop.py`); the engine owns nothing of the run itself. The session keeps the
+one loop position, `batches_trained` (the batches trained so far): `loop.train_step` advances
+it, the MessageHub, the EMA hook and the LR schedulers are told it, checkpoints carry it, and
+everything else reads it.
 """
 
 from __future__ import annotations
@@ -20,16 +13,14 @@ from __future__ import annotations
 import contextlib
 import copy
 import logging
-import os
 from collections.abc import Callable
 from typing import Any
 
 import torch
 from mmdet.registry import MODELS
 from mmengine.dataset import pseudo_collate
-from mmengine.logging import MMLogger
 from mmengine.runner import set_random_seed
-from torch.utils.data import DataLoader
+from torch.utils.data import BatchSampler, DataLoader, SequentialSampler
 
 from utils.base.errors import ConfigError, DataError, TrainingStopped
 from utils.config.build import unfollowed_intervals
@@ -38,7 +29,6 @@ from utils.data.sampling import (
     GroupedBatchSampler,
     LoaderSeedDraws,
     LoudDataset,
-    RankSlice,
     SeededDataset,
 )
 from utils.evaluation.evaluator import CocoEvaluator
@@ -53,20 +43,17 @@ from utils.training.hooks import (
     yolox_switch_epoch,
 )
 from utils.training.optim import ParamSchedulers, amp_settings, build_optimizer, clip_gradients
-from utils.training.plan import RunPlan, keeps_workers, loader_worker_init
-from utils.training.weights import load_weights
+from utils.training.plan import RunPlan, keeps_workers, loader_worker_init, prepare_data
+from utils.training.weights import init_weights, load_weights
 
 logger = logging.getLogger(__name__)
-# Set to 1 for mmengine's weight-initialisation messages (one per parameter: ~420 log lines for
-# Mask R-CNN), which `init_weights` keeps off the console by default.
-INIT_LOG_VARIABLE = "MMDET_DETERMINED_INIT_LOG"
 
 
 class TrainingSession:
     """One run of an mmdet config: model, weights, optimizer, data, schedule, hooks, evaluator.
 
     Args:
-        plan: from `plan_run`.
+        plan: from `plan_run`, in this process or another; its data is readied here first.
         seed: the run's seed (`config_seed`, else the engine's).
         rank: this process's rank among `plan.world_size`.
         device: where the model trains (`cuda:N` on a GPU, else the CPU).
@@ -83,6 +70,8 @@ class TrainingSession:
         device: str | torch.device = "cpu",
         resumed_batches: int = 0,
     ) -> None:
+        # Once per process, for every engine: no dataset is built from unprepared data.
+        plan = prepare_data(plan)
         cfg = self.cfg = plan.cfg
         self.plan = plan
         self.seed = seed
@@ -177,25 +166,26 @@ class TrainingSession:
     def val_loader(
         self, loader_class: Callable[..., Any] = DataLoader, rank: int | None = None
     ) -> Any:
-        """The validation batches of `rank` (every `world_size`-th image from `rank`); with
-        `rank=None` all of them, for an engine that deals whole batches to ranks."""
+        """The validation batches of `rank`: the images in order, in batches of the config's
+        size, dealt to the ranks round-robin, so that each image is predicted in the same batch
+        whatever the ranks (mmdet pads a batch to its largest image); with `rank=None` all the
+        batches, for an engine that deals them itself in the same way (Determined)."""
         loader_cfg = self.cfg.val_dataloader
         replicas = self.world_size
-        if len(self.val_dataset) < replicas:
+        size = len(self.val_dataset)
+        if size < replicas:
             raise DataError(
-                f"The validation set has {len(self.val_dataset)} images, fewer than the "
-                f"{replicas} processes that share it: use a larger set or fewer slots."
+                f"The validation set has {size} images, fewer than the {replicas} processes "
+                "that share it: use a larger set or fewer slots."
             )
+        # None of the ranks may be left without a batch.
+        batch_size = min(loader_cfg.get("batch_size", 1), -(-size // replicas))
+        options = self._loader_options(loader_cfg)
         dataset = LoudDataset(self.val_dataset)
-        batch_size = loader_cfg.get("batch_size", 1)
         if rank is None:
-            # Whole batches go to ranks, and none may be left without one.
-            batch_size = min(batch_size, -(-len(self.val_dataset) // replicas))
-        else:
-            dataset = RankSlice(dataset, rank, replicas)
-        return loader_class(
-            dataset, batch_size=batch_size, shuffle=False, **self._loader_options(loader_cfg)
-        )
+            return loader_class(dataset, batch_size=batch_size, shuffle=False, **options)
+        batches = list(BatchSampler(SequentialSampler(range(size)), batch_size, drop_last=False))
+        return loader_class(dataset, batch_sampler=batches[rank::replicas], **options)
 
     def _loader_options(self, loader_cfg: Any) -> dict[str, Any]:
         workers = loader_cfg.get("num_workers", 0)
@@ -290,24 +280,20 @@ class TrainingSession:
         return self.ema.averaged_weights() if self.ema is not None else self.detector.state_dict()
 
     def state_dict(self) -> dict[str, Any]:
-        """What a checkpoint holds besides the model, optimizer, LR schedule and RNG states."""
-        return {"ema": self.ema.state_dict()} if self.ema is not None else {}
+        """What a checkpoint holds besides the model, optimizer, LR schedule and RNG states: the
+        loop position, the averaged weights."""
+        state: dict[str, Any] = {"batches_trained": self.batches_trained}
+        if self.ema is not None:
+            state["ema"] = self.ema.state_dict()
+        return state
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
+        if "batches_trained" in state:  # absent from checkpoints of earlier versions
+            self.continue_from(int(state["batches_trained"]))
         if self.ema is not None:
             self.ema.load_state_dict(state["ema"])
 
-
-def init_weights(detector: torch.nn.Module) -> None:
-    """The detector's `init_weights()`, with mmengine's messages below WARNING kept out of the
-    log (its init_cfg of every parameter) unless the environment sets INIT_LOG_VARIABLE to 1."""
-    if os.environ.get(INIT_LOG_VARIABLE) == "1":
-        detector.init_weights()
-        return
-    mm_logger = MMLogger.get_current_instance()  # where mmengine's init messages go
-    level = mm_logger.level
-    mm_logger.setLevel(logging.WARNING)
-    try:
-        detector.init_weights()
-    finally:
-        mm_logger.setLevel(level)
+    def continue_from(self, batches: int) -> None:
+        """The loop position of a restored run: the batches its checkpoint had trained (the
+        sampler of a locally resumed run skips them already, see `resumed_batches`)."""
+        self.batches_trained = max(self.batches_trained, batches)

@@ -32,7 +32,7 @@ from mmengine import fileio
 from mmengine.fileio.backends import backends, prefix_to_backends
 from torch.utils.data import DataLoader, Dataset
 
-import utils
+import utils.data
 from tests.conftest import train
 from utils.data import gcs
 from utils.data.synthetic import CLASSES, MARKER, SyntheticSpec, ensure_dataset
@@ -177,14 +177,13 @@ def _images(root: Path) -> list[str]:
 
 
 def test_importing_does_not_register_the_backend(monkeypatch: pytest.MonkeyPatch) -> None:
-    """A fresh import of utils.data.gcs only defines the backend; `register_gcs_backend` registers
-    it
-    (again without failing). The registry and the modules are restored afterwards."""
+    """A fresh import of utils.data.gcs only defines the backend; `register_gcs_backend`
+    registers it (again without failing). The registry and the modules are restored afterwards."""
     monkeypatch.delitem(backends, "gcs")
     monkeypatch.delitem(prefix_to_backends, "gs")
     for name in ("gcs", "gcs_client"):
-        monkeypatch.delitem(sys.modules, f"utils.{name}")
-        monkeypatch.delattr(utils, name)
+        monkeypatch.delitem(sys.modules, f"utils.data.{name}")
+        monkeypatch.delattr(utils.data, name)
     fresh = importlib.import_module("utils.data.gcs")
     assert fresh is not gcs
     assert "gcs" not in backends and "gs" not in prefix_to_backends
