@@ -2,18 +2,26 @@
 
 from __future__ import annotations
 
+import dataclasses
+import difflib
+import itertools
 import json
 import math
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
 from mmcv.transforms import BaseTransform
 from mmdet.registry import TRANSFORMS
+from mmengine.config import Config
 
 import model_def
 from tests.conftest import TINY_SYNTHETIC, train
 from utils.data.synthetic import CLASSES
+from utils.experiment.load import environment_variables, load_experiment, local_hparams
+from utils.training.keys import check_experiment_keys
+from utils.training.plan import plan_run, prepare_data
 
 REPO = Path(__file__).resolve().parents[2]
 COCO_NAMES = ("mAP", "mAP_50", "mAP_75", "mAP_s", "mAP_m", "mAP_l", "AR_100", "AR_300", "AR_1000")
@@ -34,6 +42,7 @@ def run(output: Path, cache: Path, config: str, *extra: str) -> list[dict]:
     return train(output, f"configs/synthetic/{config}.py", data, "--report-every", "1", *extra)
 
 
+@pytest.mark.slow  # three trainings, each validated: about 2 min on 2 shared cores
 @pytest.mark.parametrize(
     ("config", "tasks", "losses"),
     [
@@ -76,6 +85,7 @@ def test_trains_validates_and_checkpoints(
     assert list((tmp_path / "tensorboard").rglob("events.out.tfevents.*"))
 
 
+@pytest.mark.slow  # three runs, 15 batches in all: about 1.5 min on 2 shared cores
 def test_resume_continues_exactly(tmp_path: Path, synthetic_cache: Path) -> None:
     config = "retinanet_r18_fpn_synthetic"
     straight = run(tmp_path / "straight", synthetic_cache, config, "--max-batches", "6")
@@ -106,12 +116,81 @@ def test_resume_needs_a_checkpoint_folder(tmp_path: Path, synthetic_cache: Path)
         run(tmp_path, synthetic_cache, "retinanet_r18_fpn_synthetic", "--resume", str(tmp_path))
 
 
-@pytest.mark.slow
-@pytest.mark.parametrize("name", sorted(p.stem for p in (REPO / "experiments").glob("*.yaml")))
+EXPERIMENTS = sorted(p.stem for p in (REPO / "experiments").glob("*.yaml"))
+# Experiments whose local run on generated data would train exactly the run of another (the test's
+# overrides give them its global batch): checked to plan that run, not trained again. The twin is
+# the experiment whose own global batch the test keeps (2).
+SAME_RUN_AS = {"custom_coco": "maskrcnn_1gpu", "maskrcnn_16gpu": "maskrcnn_1gpu"}
+TRAINED = [name for name in EXPERIMENTS if name not in SAME_RUN_AS]
+
+
+def experiment_sets(cache: Path) -> list[str]:
+    """The `--set`s of the every-experiment tests: generated data, a global batch of 2."""
+    return [
+        "data.backend=synthetic",
+        f"data.cache_dir={cache}",
+        f"data.synthetic={json.dumps({**TINY_SYNTHETIC, 'num_val': 2})}",
+        "hyperparameters.global_batch_size=2",
+    ]
+
+
+def planned_run(name: str, cache: Path) -> dict[str, Any]:
+    """What `model_def.py EXPERIMENT --local --set ...` (`experiment_sets`) trains: the plan as
+    on_determined/local.py and trial.plan_trial make it (one process), its data prepared as the
+    session prepares it, with the config as a dict; and the environment variables the run sets.
+
+    Nothing is normalised: the overrides give every experiment one process, a global batch of 2
+    (so the same per-process batch, whatever `slots_per_trial` says) and one generated set (so the
+    same data paths). The rest of an experiment file (resources, names, bind mounts, checkpoint
+    storage) does not reach a local run's training.
+    """
+    exp_conf = load_experiment(REPO / "experiments" / f"{name}.yaml", experiment_sets(cache))
+    check_experiment_keys(exp_conf)
+    hparams = local_hparams(exp_conf.get("hyperparameters") or {})
+    searcher = exp_conf.get("searcher") or {}
+    plan = prepare_data(plan_run(hparams, exp_conf.get("data") or {}, searcher=searcher))
+    run = {field.name: getattr(plan, field.name) for field in dataclasses.fields(plan)}
+    run["cfg"] = plan.cfg.to_dict()  # mmengine's Config compares by identity
+    run["environment_variables"] = environment_variables(exp_conf, cuda=False)
+    return run
+
+
+def run_differences(run: dict[str, Any], other: dict[str, Any]) -> list[str]:
+    """How two planned runs differ: the fields, then the configs' text as a unified diff."""
+    lines = [
+        f"{key}: {run[key]!r} != {other.get(key)!r}"
+        for key in run
+        if key != "cfg" and run[key] != other.get(key)
+    ]
+    if run["cfg"] != other["cfg"]:
+        texts = [Config(r["cfg"]).pretty_text.splitlines() for r in (run, other)]
+        lines += difflib.unified_diff(*texts, lineterm="", n=1)
+    return lines
+
+
+@pytest.mark.parametrize(("name", "twin"), sorted(SAME_RUN_AS.items()))
+def test_every_experiment_not_trained_plans_exactly_its_twins_run(
+    synthetic_cache: Path, name: str, twin: str
+) -> None:
+    run, twins = (planned_run(n, synthetic_cache) for n in (name, twin))
+    differences = "\n".join(run_differences(run, twins))
+    assert not differences, f"{name} no longer plans {twin}'s run (SAME_RUN_AS):\n{differences}"
+
+
+def test_every_experiment_trained_plans_a_run_of_its_own(synthetic_cache: Path) -> None:
+    """Else the test trains one run twice: list the second in SAME_RUN_AS."""
+    runs = {name: planned_run(name, synthetic_cache) for name in TRAINED}
+    same = [(a, b) for a, b in itertools.combinations(TRAINED, 2) if runs[a] == runs[b]]
+    assert not same
+
+
+@pytest.mark.slow  # full-size detectors on the CPU: up to about 1 min each on 2 shared cores
+@pytest.mark.parametrize("name", TRAINED)
 def test_every_experiment_runs_locally_on_generated_data(
     tmp_path: Path, synthetic_cache: Path, name: str
 ) -> None:
-    """Each experiment's recipe (R50 at 1333x800 for COCO) for one batch of 2, then validation."""
+    """Each experiment's recipe (R50 at 1333x800 for COCO) for one batch of 2, then validation;
+    once per distinct run (`SAME_RUN_AS`)."""
     args = [
         str(REPO / "experiments" / f"{name}.yaml"),
         "--local",
@@ -121,14 +200,7 @@ def test_every_experiment_runs_locally_on_generated_data(
         "1",
         "--report-every",
         "1",
-        "--set",
-        "data.backend=synthetic",
-        "--set",
-        f"data.cache_dir={synthetic_cache}",
-        "--set",
-        f"data.synthetic={json.dumps({**TINY_SYNTHETIC, 'num_val': 2})}",
-        "--set",
-        "hyperparameters.global_batch_size=2",
+        *(part for value in experiment_sets(synthetic_cache) for part in ("--set", value)),
     ]
     model_def.main(args)
     records = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
@@ -167,6 +239,7 @@ def test_non_finite_loss_stops_and_keeps_the_last_checkpoint(
     assert [p.name for p in (tmp_path / "bad" / "determined").iterdir()] == [checkpoint.name]
 
 
+@pytest.mark.slow  # copies the set, then trains and validates: about 35 s on 2 shared cores
 def test_custom_coco_with_gaps_in_category_ids(tmp_path: Path, synthetic_cache: Path) -> None:
     """Category ids 3, 7, 11, a crowd region and an image without objects: trains and validates."""
     from utils.data.synthetic import SyntheticSpec, ensure_dataset
