@@ -68,12 +68,17 @@ def records(output: Path) -> list[dict]:
     return [json.loads(line) for line in (output / "metrics.jsonl").read_text().splitlines()]
 
 
-def last_determined_weights(output: Path) -> dict[str, torch.Tensor]:
-    """The weights of a local Determined run's last checkpoint (DDP's `module.` dropped)."""
-    folders = list((output / "determined").iterdir())
-    last = max(
+def last_determined_checkpoint(output: Path) -> Path:
+    """A local Determined run's last checkpoint folder."""
+    folders = [f for f in (output / "determined").iterdir() if (f / "metadata.json").is_file()]
+    return max(
         folders, key=lambda f: json.loads((f / "metadata.json").read_text())["steps_completed"]
     )
+
+
+def last_determined_weights(output: Path) -> dict[str, torch.Tensor]:
+    """The weights of a local Determined run's last checkpoint (DDP's `module.` dropped)."""
+    last = last_determined_checkpoint(output)
     state_dict = torch.load(last / "state_dict.pth", map_location="cpu", weights_only=False)
     return {k.removeprefix("module."): v for k, v in state_dict["models_state_dict"][0].items()}
 
@@ -169,8 +174,8 @@ def test_ray_validation_equals_determineds_on_real_detections(
     assert 0.05 < theirs["bbox_mAP"] < 0.95 and theirs["num_images"] == DATA["num_val"]
     assert ours == pytest.approx(theirs, rel=1e-9, abs=1e-12)
     # The same outputs in the checkpoint: evaluation report and plots, prediction drawings.
-    (det_checkpoint,) = (tmp_path / "det" / "determined").iterdir()
-    (ray_checkpoint,) = (tmp_path / "ray" / "ray").glob("*/checkpoint_*")
+    det_checkpoint = last_determined_checkpoint(tmp_path / "det")
+    (ray_checkpoint,) = [p for p in (tmp_path / "ray" / "ray").glob("*/checkpoint_*") if p.is_dir()]
     for folder in ("evaluation", "predictions"):
         names = sorted(p.name for p in (det_checkpoint / folder).iterdir())
         assert names and names == sorted(p.name for p in (ray_checkpoint / folder).iterdir())

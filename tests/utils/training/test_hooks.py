@@ -14,6 +14,7 @@ from mmdet.registry import TRANSFORMS
 from mmengine.config import Config
 
 from on_determined.checkpoints import load_determined_weights
+from on_determined.context import context_problem
 from on_determined.local import free_ports
 from tests.conftest import TINY_SYNTHETIC, train
 from utils.base.errors import ConfigError
@@ -82,7 +83,7 @@ def test_check_summarises_the_hooks(tmp_path: Path) -> None:
         REPO / "experiments" / "demo.yaml",
         [f"hyperparameters.merge_config={tmp_path / 'hooks.py'}"],
     )
-    summary, problems = check_experiment(exp)
+    summary, problems = check_experiment(exp, file_rule=context_problem)
     # The only problem: a merge_config outside the repository would not be uploaded.
     assert len(problems) == 1 and "hooks.py is outside the repository" in problems[0]
     assert "EMA weights (ExpMomentumEMA): validated and exported" in summary
