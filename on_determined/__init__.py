@@ -5,7 +5,8 @@
 - `local`: local runs through Determined's Trainer (one process, or one per slot under torchrun).
 - `checkpoints`, `commands`: Determined checkpoint folders (fetch by UUID, weights, export) for
   the shared `export`, `predict` and `evaluate` commands.
-- `context`: what `det experiment create` uploads (`.detignore`), for `--check`.
+- `context`: what a trial's container holds (the uploaded context, the mounted data), for
+  `--check`.
 - `logs`: Determined's per-report INFO lines kept off a local console.
 - `cli`: `model_def.py`'s command line.
 """

@@ -13,7 +13,7 @@ import determined as det
 from determined import pytorch
 
 from on_determined.commands import CHECKPOINTS
-from on_determined.context import context_problem
+from on_determined.context import DETERMINED_RULES
 from on_determined.local import run_local
 from on_determined.trial import MMDetTrial
 from utils.check.experiment import check_experiment
@@ -69,7 +69,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
 def run_check(experiment_file: str, overrides: list[str]) -> int:
     """Print what the experiment would train, or its problems; returns the exit status."""
     exp_conf = experiment.load_experiment(experiment_file, overrides)
-    summary, problems = check_experiment(exp_conf, file_rule=context_problem)
+    summary, problems = check_experiment(exp_conf, DETERMINED_RULES)
     print(f"{experiment_file}: {exp_conf.get('name', '')}")
     for line in summary:
         print(f"  {line}")

@@ -1,12 +1,15 @@
-"""Whether a file named in an experiment is in the trial's context: the repository folder that
-`det experiment create EXPERIMENT .` uploads, minus what `.detignore` leaves out."""
+"""What a Determined trial's container holds, for `--check`: the trial's context (the repository
+folder that `det experiment create EXPERIMENT .` uploads, minus what `.detignore` leaves out) and
+the data the experiment mounts (`bind_mounts`, a pod spec's `volumeMounts`)."""
 
 from __future__ import annotations
 
 import fnmatch
 import os
 from pathlib import Path, PurePosixPath
+from typing import Any
 
+from utils.check.data import EngineRules
 from utils.config.build import REPO_ROOT
 
 
@@ -57,3 +60,26 @@ def context_problem(key: str, name: str, path: Path) -> str | None:
             "under configs/."
         )
     return None
+
+
+def mount_of(exp: dict[str, Any], path: str) -> str | None:
+    """The host path (or volume) that the experiment mounts at `path` or above it, if any."""
+    target = PurePosixPath(path)
+    mounts = [
+        (m.get("container_path"), m.get("host_path"))
+        for m in exp.get("bind_mounts") or []
+        if isinstance(m, dict)
+    ]
+    pod_spec = (exp.get("environment") or {}).get("pod_spec") or {}
+    for container in (pod_spec.get("spec") or {}).get("containers") or []:
+        for volume in container.get("volumeMounts") or []:
+            mounts.append((volume.get("mountPath"), f"volume {volume.get('name')}"))
+    for container_path, source in mounts:
+        if isinstance(container_path, str) and container_path.startswith("/"):
+            mount = PurePosixPath(container_path)
+            if target == mount or mount in target.parents:
+                return str(source)
+    return None
+
+
+DETERMINED_RULES = EngineRules(file_problem=context_problem, mount_of=mount_of)

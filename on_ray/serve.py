@@ -1,7 +1,7 @@
 """`python -m on_ray serve`: a checkpoint behind a batched HTTP API on Ray Serve.
 
 One deployment answers every route (`on_ray/serve_http.py`); its replicas each load the export
-and gather concurrent detect requests with `@serve.batch` (`on_ray/serve_model.py` runs them:
+and gather concurrent detect requests with `@serve.batch` (`utils/inference/serving.py` runs them:
 one forward pass per padded shape). On the CPU the replicas share the local Ray's CPUs; where
 Ray sees GPUs, each replica takes one.
 """
@@ -9,7 +9,6 @@ Ray sees GPUs, each replica takes one.
 from __future__ import annotations
 
 import asyncio
-import re
 import signal
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -22,18 +21,14 @@ from ray import serve
 from starlette.requests import Request as HttpRequest
 from starlette.responses import Response
 
+from on_ray.checkpoints import ray_checkpoint
 from on_ray.cluster import LOCAL_OBJECT_STORE
 from on_ray.serve_http import Settings, handle
-from on_ray.serve_model import Outcome, Request, ServingModel
 from utils.base.errors import PredictError
-from utils.base.files import CACHE_ROOT
 from utils.inference.predict import find_export
+from utils.inference.serving import Outcome, Request, ServingModel
 
 APP_NAME = "detector"
-# Where on_determined.checkpoints.local_checkpoint keeps the checkpoints it fetched by UUID
-# (on_ray does not import the Determined adapter: fetching is its job).
-FETCHED = CACHE_ROOT / "checkpoints"
-UUID = re.compile(r"[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}")
 
 
 @serve.deployment(name=APP_NAME)
@@ -62,20 +57,6 @@ class Detector:
 
     async def __call__(self, request: HttpRequest) -> Response:
         return await handle(request, self)
-
-
-def resolve_export(checkpoint: str) -> Path:
-    """The export folder of a checkpoint folder, an export folder, or a fetched UUID."""
-    if Path(checkpoint).exists() or not UUID.fullmatch(checkpoint):
-        return find_export(checkpoint)
-    if (FETCHED / checkpoint).is_dir():
-        return find_export(FETCHED / checkpoint)
-    raise PredictError(
-        f"Checkpoint {checkpoint} is not a folder here. A Determined checkpoint UUID is "
-        f"fetched by the Determined adapter: run `python model_def.py export {checkpoint} "
-        f"--out DIR` once (DET_MASTER and `det user login`), then serve DIR or the UUID "
-        f"(kept in {FETCHED})."
-    )
 
 
 def application(
@@ -125,7 +106,7 @@ def start(
     num_cpus: int | None = None,
 ) -> str:
     """Start a local Ray (unless this process has one) and Serve, deploy; returns the URL."""
-    export_dir = resolve_export(checkpoint)
+    export_dir = find_export(ray_checkpoint(checkpoint))
     if not ray.is_initialized():
         ray.init(
             num_cpus=num_cpus,

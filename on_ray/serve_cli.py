@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import argparse
 
-from on_ray.serve_api import Settings
 from utils.inference.commands import positive_int
+from utils.inference.serving_api import Settings
 
 DEFAULTS = Settings()
 

@@ -20,7 +20,7 @@ import PIL.Image
 from starlette.requests import Request as HttpRequest
 from starlette.responses import HTMLResponse, JSONResponse, Response
 
-from on_ray.serve_api import SEND, ApiError, Options, Outcome, Request, Settings
+from utils.inference.serving_api import SEND, ApiError, Options, Outcome, Request, Settings
 
 logger = logging.getLogger(__name__)
 PAGE = Path(__file__).resolve().parent / "static" / "index.html"

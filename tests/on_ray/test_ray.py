@@ -23,7 +23,7 @@ from utils.base.errors import ExperimentError
 
 ray = pytest.importorskip("ray")
 from on_ray import state  # noqa: E402
-from on_ray.cli import ray_tracking  # noqa: E402
+from on_ray.checkpoints import ray_tracking  # noqa: E402
 from on_ray.train import train  # noqa: E402
 from on_ray.tune import best_checkpoint, best_result, tune_search  # noqa: E402
 

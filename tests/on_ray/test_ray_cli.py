@@ -17,6 +17,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from on_ray import checkpoints as ray_checkpoints
 from on_ray import cli as ray_cli
 from tests.conftest import REPO, TINY_SYNTHETIC, disk_data
 from utils.inference.commands import COMMANDS, positive_int
@@ -183,7 +184,7 @@ def test_predict_writes_the_same_from_both_command_lines(
 
 def test_ray_checkpoints_are_found(ray_run: Path, tmp_path: Path) -> None:
     last = ray_run / "checkpoint_0000002"
-    assert ray_cli.ray_checkpoint(str(last)) == str(last)
+    assert ray_checkpoints.ray_checkpoint(str(last)) == str(last)
     with pytest.raises(SystemExit) as exit_info:
         ray_cli.main(["predict", str(ray_run), "image.png", "--out", str(tmp_path / "out")])
     assert exit_info.value.code == (
@@ -202,8 +203,8 @@ def test_a_fetched_determined_checkpoint_is_found_by_uuid(
 ) -> None:
     uuid = "0f2b5a61-3c1d-4e7a-9b8c-2d4e6f8a0b1c"
     (tmp_path / uuid).mkdir()
-    monkeypatch.setattr(ray_cli, "FETCHED", tmp_path)
-    assert ray_cli.ray_checkpoint(uuid) == str(tmp_path / uuid)
+    monkeypatch.setattr(ray_checkpoints, "FETCHED", tmp_path)
+    assert ray_checkpoints.ray_checkpoint(uuid) == str(tmp_path / uuid)
 
 
 def test_evaluate_logs_into_the_ray_checkpoints_run(ray_run: Path) -> None:
@@ -211,11 +212,11 @@ def test_evaluate_logs_into_the_ray_checkpoints_run(ray_run: Path) -> None:
     last = ray_run / "checkpoint_0000002"
     environ = {"MLFLOW_TRACKING_URI": "http://mlflow:5000", "MLFLOW_EXPERIMENT_NAME": "ray"}
     for folder in (last, last / "mmdet"):
-        settings, run = ray_cli.CHECKPOINTS.tracking(folder, environ)
+        settings, run = ray_checkpoints.CHECKPOINTS.tracking(folder, environ)
         assert (settings.tracking_uri, settings.experiment_name, run) == (
             "http://mlflow:5000", "ray", "run-2",
         )  # fmt: skip
-    assert ray_cli.CHECKPOINTS.tracking(last, {}) == (None, None)  # MLflow not configured
+    assert ray_checkpoints.CHECKPOINTS.tracking(last, {}) == (None, None)  # MLflow not configured
 
 
 def read_export(folder: Path) -> tuple[dict, str]:

@@ -11,8 +11,9 @@ Data on GCS is not read.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
-from pathlib import Path, PurePosixPath
+from pathlib import Path
 from typing import Any
 
 from utils.config.schedule import Schedule
@@ -38,27 +39,22 @@ class DataPlace:
     problem: str | None = None
 
 
-def mount_of(exp: dict[str, Any], path: str) -> str | None:
-    """The host path (or volume) that the experiment mounts at `path` or above it, if any."""
-    target = PurePosixPath(path)
-    mounts = [
-        (m.get("container_path"), m.get("host_path"))
-        for m in exp.get("bind_mounts") or []
-        if isinstance(m, dict)
-    ]
-    pod_spec = (exp.get("environment") or {}).get("pod_spec") or {}
-    for container in (pod_spec.get("spec") or {}).get("containers") or []:
-        for volume in container.get("volumeMounts") or []:
-            mounts.append((volume.get("mountPath"), f"volume {volume.get('name')}"))
-    for container_path, source in mounts:
-        if isinstance(container_path, str) and container_path.startswith("/"):
-            mount = PurePosixPath(container_path)
-            if target == mount or mount in target.parents:
-                return str(source)
-    return None
+@dataclass(frozen=True)
+class EngineRules:
+    """What an engine adds to the check (`on_determined.context.DETERMINED_RULES`).
+
+    Attributes:
+        file_problem: `(key, name, path)`: its objection to a config file an experiment names
+            (e.g. not in what Determined uploads), or None.
+        mount_of: `(exp, path)`: the host path or volume its containers mount at `path`, or
+            None; data that is not on this machine but mounted lives on the cluster's agents.
+    """
+
+    file_problem: Callable[[str, str, Path], str | None] | None = None
+    mount_of: Callable[[dict[str, Any], str], str | None] | None = None
 
 
-def locate_data(exp: dict[str, Any]) -> DataPlace:
+def locate_data(exp: dict[str, Any], rules: EngineRules) -> DataPlace:
     """Whether `--check` can read the experiment's data here, and if not, why."""
     data = exp.get("data") or {}
     backend = data.get("backend", "disk")
@@ -71,7 +67,7 @@ def locate_data(exp: dict[str, Any]) -> DataPlace:
     root = str(data["root"])
     if Path(root).expanduser().exists():
         return DataPlace(True)
-    source = mount_of(exp, root)
+    source = rules.mount_of(exp, root) if rules.mount_of is not None else None
     if source:
         return DataPlace(
             False,

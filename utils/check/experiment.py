@@ -20,7 +20,7 @@ from typing import Any
 from mmdet.registry import MODELS
 
 from utils.base.errors import USER_ERRORS, ConfigError, TrackingError
-from utils.check.data import UNCHECKED, DataReport, locate_data, read_data
+from utils.check.data import UNCHECKED, DataReport, EngineRules, locate_data, read_data
 from utils.config.build import KNOWN_HPARAMS, resolve_config_path, unfollowed_intervals
 from utils.config.evaluators import evaluator_configs
 from utils.config.schedule import by_epoch, config_length
@@ -41,6 +41,8 @@ SEARCHER_KEYS = ("max_trials", "max_concurrent_trials", "time_metric", "max_time
 
 # An engine's objection to a config file an experiment names: (key, name, path) -> problem.
 FileRule = Callable[[str, str, Path], "str | None"]
+# A check without an engine's rules: every file is in the container, nothing is mounted.
+NO_ENGINE_RULES = EngineRules()
 
 
 def candidates(spec: Any) -> list[Any]:
@@ -130,12 +132,12 @@ def processes(exp: dict[str, Any]) -> int:
 
 
 def check_experiment(
-    exp: dict[str, Any], file_rule: FileRule | None = None
+    exp: dict[str, Any], rules: EngineRules = NO_ENGINE_RULES
 ) -> tuple[list[str], list[str]]:
     """Returns the summary lines and the problems found (none means ready to submit).
 
-    `file_rule(key, name, path)`: the engine's objection to a config file the experiment names
-    (`on_determined.context.context_problem`), or None."""
+    `rules`: what the engine adds (config files its containers would not have, data they
+    mount), e.g. `on_determined.context.DETERMINED_RULES`."""
     specs = exp.get("hyperparameters") or {}
     data = exp.get("data") or {}
     searcher = exp.get("searcher") or {}
@@ -147,13 +149,13 @@ def check_experiment(
     problems += hyperparameter_key_problems(specs) + data_key_problems(data)
     if not isinstance(specs, dict) or hyperparameters_problems(specs):
         return [], problems  # no values to plan with (the problems say why)
-    problems += hparam_problems(specs, slots, file_rule)
+    problems += hparam_problems(specs, slots, rules.file_problem)
     try:
         tracking = mlflow_settings(exp)
     except TrackingError as err:
         tracking = None
         problems.append(str(err))
-    place = locate_data(exp)
+    place = locate_data(exp, rules)
     if place.problem:
         problems.append(place.problem)
     try:

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 import model_def
-from on_determined.context import context_problem
+from on_determined.context import DETERMINED_RULES, context_problem
 from tests.conftest import disk_data
 from utils.check.experiment import check_experiment
 from utils.experiment.load import load_experiment
@@ -22,7 +22,7 @@ EXPERIMENTS = sorted((REPO / "experiments").glob("*.yaml"))
 @pytest.mark.parametrize("path", EXPERIMENTS, ids=lambda p: p.stem)
 def test_every_experiment_passes(path: Path, synthetic_cache: Path) -> None:
     exp = load_experiment(path, [f"data.cache_dir={synthetic_cache}"])
-    summary, problems = check_experiment(exp)
+    summary, problems = check_experiment(exp, DETERMINED_RULES)
     assert problems == []
     text = "\n".join(summary)
     assert "M parameters" in text and "training length:" in text and "per slot" in text
@@ -65,14 +65,14 @@ def broken(change: str) -> dict:
     ],
 )
 def test_broken_variants_are_named(change: str, message: str) -> None:
-    _, problems = check_experiment(broken(change))
+    _, problems = check_experiment(broken(change), DETERMINED_RULES)
     assert any(message in problem for problem in problems), problems
 
 
 def test_mlflow_tracking_is_summarised_without_credentials() -> None:
     exp = maskrcnn()
     exp["data"]["mlflow"] = {"tracking_uri": "https://ann:s3cret@mlflow.example:5000"}
-    summary, problems = check_experiment(exp)
+    summary, problems = check_experiment(exp, DETERMINED_RULES)
     assert problems == []
     (line,) = [line for line in summary if line.startswith("mlflow:")]
     assert "mlflow.example:5000" in line and "s3cret" not in line
@@ -116,7 +116,7 @@ def edit_annotations(root: Path, change: Callable[[dict], None]) -> None:
 
 
 def test_local_coco_set_is_read_as_the_trial_reads_it(coco: Path) -> None:
-    summary, problems = check_experiment(on_disk(coco))
+    summary, problems = check_experiment(on_disk(coco), DETERMINED_RULES)
     assert problems == []
     text = "\n".join(summary)
     assert "classes: 3 (circle, square, triangle), from the annotation file's categories" in text
@@ -129,13 +129,15 @@ def test_local_coco_set_is_read_as_the_trial_reads_it(coco: Path) -> None:
 
 
 def test_data_classes_are_reported_from_the_data(coco: Path) -> None:
-    summary, problems = check_experiment(on_disk(coco, classes=["triangle", "circle"]))
+    summary, problems = check_experiment(
+        on_disk(coco, classes=["triangle", "circle"]), DETERMINED_RULES
+    )
     assert problems == []
     assert "classes: 2 (triangle, circle), from data.classes" in "\n".join(summary)
 
 
 def test_missing_data_root_is_a_problem(tmp_path: Path) -> None:
-    _, problems = check_experiment(on_disk(tmp_path / "nowhere"))
+    _, problems = check_experiment(on_disk(tmp_path / "nowhere"), DETERMINED_RULES)
     (problem,) = [p for p in problems if "data.root" in p]
     assert f"data.root {tmp_path / 'nowhere'} does not exist on this machine" in problem
     assert "bind_mounts" in problem
@@ -144,7 +146,7 @@ def test_missing_data_root_is_a_problem(tmp_path: Path) -> None:
 def test_data_mounted_on_the_agents_is_named_as_not_checked(tmp_path: Path) -> None:
     exp = on_disk(tmp_path / "nowhere" / "coco")
     exp["bind_mounts"] = [{"host_path": "/mnt/coco", "container_path": str(tmp_path / "nowhere")}]
-    summary, problems = check_experiment(exp)
+    summary, problems = check_experiment(exp, DETERMINED_RULES)
     assert problems == []
     text = "\n".join(summary)
     assert "the agents mount it from /mnt/coco): annotation files, image files, classes" in text
@@ -153,7 +155,9 @@ def test_data_mounted_on_the_agents_is_named_as_not_checked(tmp_path: Path) -> N
 
 
 def test_coco_experiment_elsewhere_prints_no_defaults() -> None:
-    summary, problems = check_experiment(maskrcnn())  # /data/coco, bind-mounted, absent here
+    summary, problems = check_experiment(
+        maskrcnn(), DETERMINED_RULES
+    )  # /data/coco, bind-mounted, absent here
     assert problems == []
     text = "\n".join(summary)
     assert "classes: 80" not in text and "person" not in text
@@ -163,7 +167,7 @@ def test_coco_experiment_elsewhere_prints_no_defaults() -> None:
 def test_gcs_data_is_not_read() -> None:
     exp = maskrcnn()
     exp["data"] = {"backend": "gcs", "bucket": "my-bucket", "prefix": "coco"}
-    summary, problems = check_experiment(exp)
+    summary, problems = check_experiment(exp, DETERMINED_RULES)
     assert problems == []
     assert "not checked here (data on GCS (gs://my-bucket/coco) was not read)" in "\n".join(summary)
 
@@ -201,17 +205,17 @@ def _empty_image(root: Path) -> None:
 )
 def test_bad_data_is_a_problem(coco: Path, damage: Callable[[Path], None], message: str) -> None:
     damage(coco)
-    _, problems = check_experiment(on_disk(coco))
+    _, problems = check_experiment(on_disk(coco), DETERMINED_RULES)
     assert any(message in problem for problem in problems), problems
 
 
 def test_data_classes_must_be_in_the_file(coco: Path) -> None:
-    _, problems = check_experiment(on_disk(coco, classes=["circle", "hexagon"]))
+    _, problems = check_experiment(on_disk(coco, classes=["circle", "hexagon"]), DETERMINED_RULES)
     assert any("data.classes names ['hexagon']" in problem for problem in problems), problems
 
 
 def test_missing_image_folder_names_the_key(coco: Path) -> None:
-    _, problems = check_experiment(on_disk(coco, val_img_prefix="nowhere/"))
+    _, problems = check_experiment(on_disk(coco, val_img_prefix="nowhere/"), DETERMINED_RULES)
     assert any(p.startswith("data.val_img_prefix: image folder") for p in problems), problems
 
 
@@ -236,14 +240,14 @@ def test_missing_image_folder_names_the_key(coco: Path) -> None:
 def test_searchers_a_master_rejects(searcher: dict, message: str) -> None:
     exp = maskrcnn()
     exp["searcher"].update(searcher)
-    _, problems = check_experiment(exp)
+    _, problems = check_experiment(exp, DETERMINED_RULES)
     assert any(message in problem for problem in problems), problems
 
 
 def test_asha_time_metric_must_be_one_the_trial_reports() -> None:
     exp = maskrcnn()
     exp["searcher"].update(name="adaptive_asha", max_trials=4, max_time=12, time_metric="records")
-    _, problems = check_experiment(exp)
+    _, problems = check_experiment(exp, DETERMINED_RULES)
     assert any("searcher.time_metric is 'records'" in problem for problem in problems), problems
 
 
@@ -261,7 +265,7 @@ def test_hyperparameters_and_resources_a_master_rejects(
 ) -> None:
     exp = maskrcnn()
     exp[section][key] = value
-    _, problems = check_experiment(exp)
+    _, problems = check_experiment(exp, DETERMINED_RULES)
     assert any(message in problem for problem in problems), problems
 
 
@@ -285,7 +289,7 @@ def test_hyperparameters_and_resources_a_master_rejects(
 )
 def test_typos_are_problems(override: str, message: str) -> None:
     exp = load_experiment(REPO / "experiments" / "maskrcnn.yaml", [override])
-    summary, problems = check_experiment(exp)
+    summary, problems = check_experiment(exp, DETERMINED_RULES)
     assert any(message in problem for problem in problems), problems
     assert summary  # the rest is still checked
 
@@ -293,7 +297,7 @@ def test_typos_are_problems(override: str, message: str) -> None:
 def test_missing_merge_config_is_named_as_merge_config() -> None:
     exp = maskrcnn()
     exp["hyperparameters"]["merge_config"] = "configs/extra_typo.py"
-    _, problems = check_experiment(exp)
+    _, problems = check_experiment(exp, DETERMINED_RULES)
     assert any(
         p.startswith("hyperparameters.merge_config: config 'configs/extra_typo.py' not found")
         for p in problems
@@ -322,7 +326,7 @@ def test_config_outside_the_uploaded_context_is_a_problem(
     name = name.format(tmp=tmp_path, repo=REPO, dir=REPO.name)
     exp = maskrcnn()
     exp["hyperparameters"]["merge_config"] = name
-    _, problems = check_experiment(exp, file_rule=context_problem)
+    _, problems = check_experiment(exp, DETERMINED_RULES)
     hits = [p for p in problems if p.startswith(f"hyperparameters.merge_config: {name} ")]
     assert hits and message in hits[0], problems
     assert "Determined uploads" in hits[0] or "container" in hits[0] or "configs/" in hits[0]
@@ -336,4 +340,4 @@ def test_configs_in_the_repository_and_mmdet_configs_are_uploaded() -> None:
         assert context_problem("config_file", name, REPO / name) is None
     exp = maskrcnn()
     exp["hyperparameters"]["config_file"] = "mmdet::mask_rcnn/mask-rcnn_r50_fpn_1x_coco.py"
-    assert check_experiment(exp, file_rule=context_problem)[1] == []
+    assert check_experiment(exp, DETERMINED_RULES)[1] == []

@@ -14,7 +14,7 @@ from mmdet.registry import TRANSFORMS
 from mmengine.config import Config
 
 from on_determined.checkpoints import load_determined_weights
-from on_determined.context import context_problem
+from on_determined.context import DETERMINED_RULES
 from on_determined.local import free_ports
 from tests.conftest import TINY_SYNTHETIC, train
 from utils.base.errors import ConfigError
@@ -83,14 +83,14 @@ def test_check_summarises_the_hooks(tmp_path: Path) -> None:
         REPO / "experiments" / "demo.yaml",
         [f"hyperparameters.merge_config={tmp_path / 'hooks.py'}"],
     )
-    summary, problems = check_experiment(exp, file_rule=context_problem)
+    summary, problems = check_experiment(exp, DETERMINED_RULES)
     # The only problem: a merge_config outside the repository would not be uploaded.
     assert len(problems) == 1 and "hooks.py is outside the repository" in problems[0]
     assert "EMA weights (ExpMomentumEMA): validated and exported" in summary
     assert "training pipeline switch: from epoch 2 (switch_epoch 1)" in summary
     (tmp_path / "hooks.py").write_text("custom_hooks = [dict(type='MeanTeacherHook')]\n")
     exp["hyperparameters"]["merge_config"] = str(tmp_path / "hooks.py")
-    _, problems = check_experiment(exp)
+    _, problems = check_experiment(exp, DETERMINED_RULES)
     assert any("custom_hooks[0] is 'MeanTeacherHook'" in problem for problem in problems)
 
 
@@ -147,7 +147,9 @@ def test_averaged_weights_resume_exactly_and_are_exported(
 
 
 def test_rtmdet_recipe_is_summarised_with_its_hooks_and_intervals() -> None:
-    summary, problems = check_experiment(load_experiment(REPO / "experiments" / "rtmdet.yaml", []))
+    summary, problems = check_experiment(
+        load_experiment(REPO / "experiments" / "rtmdet.yaml", []), DETERMINED_RULES
+    )
     assert not problems
     assert "EMA weights (ExpMomentumEMA): validated and exported" in summary
     assert "training pipeline switch: from epoch 281 (switch_epoch 280)" in summary

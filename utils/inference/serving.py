@@ -24,10 +24,10 @@ from mmdet.registry import TRANSFORMS
 from mmdet.utils import get_test_pipeline_cfg
 from mmengine.dataset import pseudo_collate
 
-from on_ray.serve_api import SEND, ApiError, Options, Outcome, Request
 from utils.evaluation.drawings import draw_sample
 from utils.evaluation.mask_rle import encode_masks
 from utils.inference.predict import load_detector
+from utils.inference.serving_api import SEND, ApiError, Options, Outcome, Request
 
 logger = logging.getLogger(__name__)
 
