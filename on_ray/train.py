@@ -112,7 +112,11 @@ def train(
         train_loop,
         train_loop_config={"spec": spec},
         torch_config=TorchConfig(backend="nccl" if use_gpu else "gloo"),
-        scaling_config=ScalingConfig(num_workers=count, use_gpu=use_gpu),
+        scaling_config=ScalingConfig(
+            num_workers=count,
+            use_gpu=use_gpu,
+            resources_per_worker=cluster.worker_resources(count, use_gpu),
+        ),
         run_config=RunConfig(
             name=name,
             storage_path=storage or str(output / "ray"),

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import difflib
 import itertools
@@ -121,7 +122,13 @@ EXPERIMENTS = sorted(p.stem for p in (REPO / "experiments").glob("*.yaml"))
 # overrides give them its global batch): checked to plan that run, not trained again. The twin is
 # the experiment whose own global batch the test keeps (2).
 SAME_RUN_AS = {"custom_coco": "maskrcnn_1gpu", "maskrcnn_16gpu": "maskrcnn_1gpu"}
-TRAINED = [name for name in EXPERIMENTS if name not in SAME_RUN_AS]
+# Experiments whose run differs from a trained twin's only in numbers that take the same code
+# path whatever their value (the optimizer's lr and weight decay, and the hyperparameters that
+# set them; a searcher's length that gives the config's own schedule): R50 at 1333x800 is not
+# trained again to show that path, the config check below proves it.
+SAME_CODE_AS = {"maskrcnn": "maskrcnn_1gpu", "maskrcnn_search": "maskrcnn_1gpu"}
+NUMBERS = ("lr", "weight_decay", "auto_scale_lr")
+TRAINED = [name for name in EXPERIMENTS if name not in SAME_RUN_AS | SAME_CODE_AS]
 
 
 def experiment_sets(cache: Path) -> list[str]:
@@ -151,6 +158,7 @@ def planned_run(name: str, cache: Path) -> dict[str, Any]:
     plan = prepare_data(plan_run(hparams, exp_conf.get("data") or {}, searcher=searcher))
     run = {field.name: getattr(plan, field.name) for field in dataclasses.fields(plan)}
     run["cfg"] = plan.cfg.to_dict()  # mmengine's Config compares by identity
+    run["schedule"] = plan.schedule(TINY_SYNTHETIC["num_train"])
     run["environment_variables"] = environment_variables(exp_conf, cuda=False)
     return run
 
@@ -177,6 +185,27 @@ def test_every_experiment_not_trained_plans_exactly_its_twins_run(
     assert not differences, f"{name} no longer plans {twin}'s run (SAME_RUN_AS):\n{differences}"
 
 
+def without_numbers(run: dict[str, Any]) -> dict[str, Any]:
+    """The run with the NUMBERS of SAME_CODE_AS taken out (its schedule stays, its length goes)."""
+    run = copy.deepcopy(run)
+    for key in NUMBERS:
+        run["hparams"].pop(key, None)
+    for key in ("lr", "weight_decay"):
+        run["cfg"]["optim_wrapper"]["optimizer"].pop(key)
+    run.pop("length")
+    return run
+
+
+@pytest.mark.parametrize(("name", "twin"), sorted(SAME_CODE_AS.items()))
+def test_every_experiment_not_trained_differs_from_its_twin_in_numbers_only(
+    synthetic_cache: Path, name: str, twin: str
+) -> None:
+    run, twins = (planned_run(n, synthetic_cache) for n in (name, twin))
+    assert run_differences(run, twins), f"{name} plans {twin}'s run: list it in SAME_RUN_AS"
+    differences = "\n".join(run_differences(without_numbers(run), without_numbers(twins)))
+    assert not differences, f"{name} differs from {twin} beyond {NUMBERS}:\n{differences}"
+
+
 def test_every_experiment_trained_plans_a_run_of_its_own(synthetic_cache: Path) -> None:
     """Else the test trains one run twice: list the second in SAME_RUN_AS."""
     runs = {name: planned_run(name, synthetic_cache) for name in TRAINED}
@@ -190,7 +219,7 @@ def test_every_experiment_runs_locally_on_generated_data(
     tmp_path: Path, synthetic_cache: Path, name: str
 ) -> None:
     """Each experiment's recipe (R50 at 1333x800 for COCO) for one batch of 2, then validation;
-    once per distinct run (`SAME_RUN_AS`)."""
+    once per distinct run (`SAME_RUN_AS`, `SAME_CODE_AS`)."""
     args = [
         str(REPO / "experiments" / f"{name}.yaml"),
         "--local",
