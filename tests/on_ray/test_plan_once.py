@@ -61,6 +61,7 @@ def test_the_driver_plans_once_and_ships_the_plan(
     calls = counted(monkeypatch, ray_train)
     monkeypatch.setattr(ray_train.cluster, "connect", lambda address: None)
     monkeypatch.setattr(ray_train.cluster, "check_workers", lambda count, what: False)
+    monkeypatch.setattr(ray_train.cluster, "worker_resources", lambda count, use_gpu: None)
 
     def trainer(loop: Any, train_loop_config: dict, **kwargs: Any) -> None:
         raise Stop(train_loop_config["spec"])
