@@ -12,15 +12,11 @@ import determined as det
 from determined import pytorch
 
 from utils.base.errors import TrainingStopped
-from utils.evaluation.drawings import visualization_settings
-from utils.evaluation.report import plot_settings
 from utils.evaluation.validation import VALIDATION_FAILURE
 from utils.training.loop import ValidationPass
-from utils.training.outputs import OutputSettings, RunOutputs
+from utils.training.outputs import OutputSettings, RunOutputs, output_settings
 from utils.training.progress import RunReport
 from utils.training.session import TrainingSession
-from utils.training.tracking import MlflowRun
-from utils.training.tracking_settings import mlflow_settings
 
 
 class ValidationFailed(TrainingStopped):
@@ -47,7 +43,7 @@ def build_callbacks(
     # The chief's outputs, in the core's order (drawings, evaluation plots, metrics, MLflow, the
     # export into each checkpoint).
     if context.distributed.rank == 0:
-        outputs = RunOutputs(session, output_settings(context, report_to, max_batches))
+        outputs = RunOutputs(session, determined_outputs(context, report_to, max_batches))
         callbacks["outputs"] = Outputs(outputs, context)
     # Last: the trained weights back once the outputs have seen the validated ones; it also
     # carries the session's state (loop position, EMA weights) in every checkpoint, and ends a
@@ -56,41 +52,33 @@ def build_callbacks(
     return callbacks
 
 
-def output_settings(
+def determined_outputs(
     context: pytorch.PyTorchTrialContext, report_to: Path | None, max_batches: int | None
 ) -> OutputSettings:
     """Where the chief's outputs go on Determined: its TensorBoard writer (it writes the
     scalars itself), the trial's MLflow run named after the trial, a local run's metrics.jsonl."""
-    hparams = context.get_hparams()
     exp_conf = context.get_experiment_config()
-    num_images, score_thr = visualization_settings(hparams)
-    tracking = mlflow_settings(exp_conf)
     name = exp_conf.get("name") or "mmdet"
-    tags = {"mmdet.config_file": str(hparams.get("config_file", ""))}
+    tags: dict[str, str] = {}
     info = det.get_cluster_info()
     if info is not None and info.task_type == "TRIAL":
         experiment_id, trial_id = info.trial.experiment_id, info.trial.trial_id
         name = f"{name} trial {trial_id}"
-        tags |= {
+        tags = {
             "determined.experiment_id": str(experiment_id),
             "determined.trial_id": str(trial_id),
             "determined.trial_url": f"{info.master_url.rstrip('/')}/det/experiments/"
             f"{experiment_id}/trials/{trial_id}",
         }
-    data = {k: v for k, v in context.get_data_config().items() if k != "mlflow"}
-    return OutputSettings(
-        num_images=num_images,
-        score_thr=score_thr,
-        plots_score_thr=plot_settings(hparams),
+    return output_settings(
+        context.get_hparams(),
+        {**exp_conf, "data": context.get_data_config()},
+        run_name=name,
+        tags=tags,
         progress=RunReport(report_to, max_batches or 0) if report_to is not None else None,
         tensorboard=(
             context.get_tensorboard_writer() if context.get_enable_tensorboard_logging() else None
         ),
-        mlflow=MlflowRun(tracking) if tracking is not None else None,
-        run_name=name,
-        description=exp_conf.get("description") or "",
-        tags=tags,
-        params={**hparams, "data": data},
     )
 
 

@@ -67,9 +67,9 @@ class DeterminedSteps:
 
 
 def plan_trial(context: pytorch.PyTorchTrialContext) -> RunPlan:
-    """The run plan of the trial's hyperparameters, data section, slots and searcher: on a
-    cluster, where Determined builds the trial itself (a local run plans before and hands its
-    plan to the trial)."""
+    """The run plan of the trial's hyperparameters, data section, slots and searcher, from
+    Determined's context: on a cluster (a local run plans before the context exists and hands
+    its plan to the trial)."""
     return plan_run(
         context.get_hparams(),
         context.get_data_config(),

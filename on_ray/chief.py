@@ -12,35 +12,25 @@ from pathlib import Path
 from torch.utils.tensorboard import SummaryWriter
 
 from on_ray.spec import WorkerSpec
-from utils.evaluation.drawings import visualization_settings
-from utils.evaluation.report import plot_settings
-from utils.training.outputs import OutputSettings, RunOutputs
+from utils.training.outputs import RunOutputs, output_settings
 from utils.training.progress import METRICS_FILE, RunReport
 from utils.training.session import TrainingSession
-from utils.training.tracking import RUN_FILE, MlflowRun
-from utils.training.tracking_settings import mlflow_settings
+from utils.training.tracking import RUN_FILE
 
 
 def chief_outputs(spec: WorkerSpec, session: TrainingSession, total: int) -> RunOutputs:
     """Rank 0's outputs of one run (or one Tune trial) training to `total` batches."""
     output = Path(spec.output)
     output.mkdir(parents=True, exist_ok=True)
-    num_images, score_thr = visualization_settings(spec.hparams)
     exp = spec.experiment
-    tracking = mlflow_settings(exp)
-    data = {k: v for k, v in (exp.get("data") or {}).items() if k != "mlflow"}
-    settings = OutputSettings(
-        num_images=num_images,
-        score_thr=score_thr,
-        plots_score_thr=plot_settings(spec.hparams),
+    settings = output_settings(
+        spec.hparams,
+        exp,
+        run_name=spec.run_name or exp.get("name") or "mmdet",
+        tags={"engine": "ray"},
         progress=RunReport(output / METRICS_FILE, total),
         tensorboard=SummaryWriter(str(output / "tensorboard")),
         scalars=True,
-        mlflow=MlflowRun(tracking) if tracking is not None else None,
-        run_name=spec.run_name or exp.get("name") or "mmdet",
-        description=exp.get("description") or "",
-        tags={"mmdet.config_file": str(spec.hparams.get("config_file", "")), "engine": "ray"},
-        params={**spec.hparams, "data": data},
     )
     return RunOutputs(session, settings)
 

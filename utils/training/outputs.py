@@ -29,14 +29,26 @@ from typing import Any, Protocol
 
 import numpy as np
 
-from utils.evaluation.drawings import render_samples, sample_indices, save_pngs
+from utils.evaluation.drawings import (
+    render_samples,
+    sample_indices,
+    save_pngs,
+    visualization_settings,
+)
 from utils.evaluation.plots import draw_report
-from utils.evaluation.report import REPORT_DIR, evaluation_report, report_lines, save_report
+from utils.evaluation.report import (
+    REPORT_DIR,
+    evaluation_report,
+    plot_settings,
+    report_lines,
+    save_report,
+)
 from utils.evaluation.validation import VALIDATION_FAILURE
 from utils.training import export
 from utils.training.progress import RunReport
 from utils.training.session import TrainingSession
 from utils.training.tracking import MlflowRun
+from utils.training.tracking_settings import mlflow_settings
 
 logger = logging.getLogger(__name__)
 
@@ -76,6 +88,33 @@ class OutputSettings:
     description: str = ""
     tags: dict[str, str] = field(default_factory=dict)
     params: dict[str, Any] = field(default_factory=dict)
+
+
+def output_settings(
+    hparams: dict[str, Any],
+    exp_conf: dict[str, Any],
+    *,
+    run_name: str,
+    tags: dict[str, str],
+    **engine: Any,
+) -> OutputSettings:
+    """What the hyperparameters (`visualization`, `evaluation_plots`) and the experiment (its
+    description, `data.mlflow`) ask of the outputs; the engine names the MLflow run, adds its
+    tags, and says where the rest goes (`progress`, `tensorboard`, `scalars`)."""
+    num_images, score_thr = visualization_settings(hparams)
+    tracking = mlflow_settings(exp_conf)
+    data = {k: v for k, v in (exp_conf.get("data") or {}).items() if k != "mlflow"}
+    return OutputSettings(
+        num_images=num_images,
+        score_thr=score_thr,
+        plots_score_thr=plot_settings(hparams),
+        mlflow=MlflowRun(tracking) if tracking is not None else None,
+        run_name=run_name,
+        description=exp_conf.get("description") or "",
+        tags={"mmdet.config_file": str(hparams.get("config_file", "")), **tags},
+        params={**hparams, "data": data},
+        **engine,
+    )
 
 
 class RunOutputs:
