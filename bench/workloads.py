@@ -11,7 +11,8 @@ builds mmdet's training dataset from it alone.
 RESULT receives `stamps` (wall-clock seconds at the start of each training iteration, or after
 each loaded batch), `cpu` (the process's CPU seconds at the same points), `peak_so_far_mb` (its
 peak resident memory up to each point), `images` (images per batch) and `peak_mb` (the peak of the
-whole run; loader workers share the process's pages and are not counted).
+whole run; loader workers share the process's pages and are not counted); kind "startup", side
+"ours", also `sanity_seconds` (its sanity pass).
 """
 
 from __future__ import annotations
@@ -81,8 +82,9 @@ class FirstBatch(Exception):
     """Raised at the first training batch: the start-up is over."""
 
 
-def startup(spec: dict[str, Any]) -> list[tuple[float, ...]]:
-    """Process start to the first training batch, or to mmdet's training dataset built."""
+def startup(spec: dict[str, Any], extra: dict[str, Any]) -> list[tuple[float, ...]]:
+    """Process start to the first training batch, or to mmdet's training dataset built; ours
+    puts the seconds of its sanity pass (part of its start-up) into `extra`."""
     from mmengine.config import Config
 
     stamps: list[tuple[float, ...]] = []
@@ -93,6 +95,7 @@ def startup(spec: dict[str, Any]) -> list[tuple[float, ...]]:
         class FirstBatchTrial(MMDetTrial):
             def train_batch(self, batch: Any, epoch_idx: int, batch_idx: int) -> dict[str, Any]:
                 stamps.append(stamp())
+                extra["sanity_seconds"] = self.sanity_seconds
                 raise FirstBatch
 
         try:
@@ -194,8 +197,9 @@ def main(spec_path: str, result_path: str) -> None:
     sys.path.insert(0, str(REPO))
     spec = json.loads(Path(spec_path).read_text())
     images: list[int] = []
+    extra: dict[str, Any] = {}
     if spec["kind"] == "startup":
-        stamps = startup(spec)
+        stamps = startup(spec, extra)
     elif spec["kind"] == "train":
         trainers = {"ours": train_ours, "mmengine": train_mmengine, "ray": train_ray}
         stamps = trainers[spec["side"]](spec)
@@ -207,6 +211,7 @@ def main(spec_path: str, result_path: str) -> None:
         "peak_so_far_mb": [peak for _, _, peak in stamps],
         "images": images,
         "peak_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+        **extra,
     }
     Path(result_path).write_text(json.dumps(result))
 

@@ -22,9 +22,11 @@ from determined import pytorch
 
 from on_determined.callbacks import build_callbacks
 from utils.base.files import allow_numpy_globals
+from utils.evaluation.metric_names import check_searcher
 from utils.evaluation.validation import failure_keeping_loader
 from utils.training.loop import ValidationPass, train_step
 from utils.training.plan import RunPlan, config_seed, plan_run
+from utils.training.sanity import run_sanity_pass
 from utils.training.session import TrainingSession
 
 
@@ -70,12 +72,17 @@ def plan_trial(context: pytorch.PyTorchTrialContext) -> RunPlan:
     """The run plan of the trial's hyperparameters, data section, slots and searcher, from
     Determined's context: on a cluster (a local run plans before the context exists and hands
     its plan to the trial)."""
-    return plan_run(
+    searcher = context.get_experiment_config().get("searcher") or {}
+    plan = plan_run(
         context.get_hparams(),
         context.get_data_config(),
         world_size=context.distributed.get_size(),
-        searcher=context.get_experiment_config().get("searcher") or {},
+        searcher=searcher,
     )
+    # The cluster's searcher reads `searcher.metric` from every validation: a name the run never
+    # reports would fail the trial at its first validation, a validation period later.
+    check_searcher(plan.cfg, searcher)
+    return plan
 
 
 def trial_seed(plan: RunPlan, context: pytorch.PyTorchTrialContext) -> int:
@@ -120,6 +127,9 @@ class MMDetTrial(pytorch.PyTorchTrial):
             device=context.device,
             resumed_batches=resumed_batches,
         )
+        # Before Determined wraps or restores anything: a broken pipeline or model stops the run
+        # here, in one line; None when switched off, else its seconds (the benchmarks read them).
+        self.sanity_seconds = run_sanity_pass(session)
         # Determined requires the scaler before the model; its wrapper is what runs forward.
         if session.scaler is not None:
             context.wrap_scaler(session.scaler)

@@ -15,6 +15,10 @@ from utils.config.build import REPO_ROOT
 LOCAL_OBJECT_STORE = 200 * 1024 * 1024
 # Passed on to every worker when set where the driver runs.
 FORWARDED = ("MMDET_DETERMINED_INIT_LOG", "XDG_CACHE_HOME", "MLFLOW_TRACKING_URI")
+# What a Tune trial reserves when its workers train in a `TorchTrainer` of its own: its process
+# only waits on Ray Train's controller (itself 0 CPUs), so no CPU, which the workers get; Tune
+# takes no empty request, so it reserves about the memory it holds (0.9 GB: torch, mmdet, plan).
+TRIAL_DRIVER = {"CPU": 0, "memory": 1024**3}
 
 
 def connect(address: str | None) -> None:
@@ -72,14 +76,30 @@ def check_workers(count: int, what: str) -> bool:
     return use_gpu
 
 
-def worker_resources(count: int, use_gpu: bool) -> dict[str, float] | None:
-    """What each of `count` workers reserves: on CPUs, an equal share of the cluster's (Ray gives
-    a worker 1 CPU by default and sets its OMP_NUM_THREADS, torch's threads, to that: a single
-    worker on a 2-core machine trained 1.3-1.5x slower per batch than Determined's local run);
-    None on GPUs (Ray's default: one GPU and one CPU each)."""
+def trial_resources(
+    workers: int, use_gpu: bool, wanted: int
+) -> tuple[int, dict[str, float] | None, dict[str, float]]:
+    """For Tune: how many trials run at once, as many as the cluster holds (at most `wanted`;
+    Ray's advice for Train inside Tune: a trial started beyond that waits for its workers); what
+    each of their workers reserves (`worker_resources`, the CPUs shared by all at once); what a
+    trial reserves: its one worker, trained in its own process, or `TRIAL_DRIVER`."""
+    have = int(ray.cluster_resources().get("GPU" if use_gpu else "CPU", 0))
+    at_once = max(1, min(wanted, have // workers))
+    per_worker = worker_resources(workers, use_gpu, at_once)
+    if workers > 1:
+        return at_once, per_worker, TRIAL_DRIVER
+    return at_once, per_worker, per_worker or {"CPU": 1, "GPU": 1}
+
+
+def worker_resources(count: int, use_gpu: bool, runs: int = 1) -> dict[str, float] | None:
+    """What each of `count` workers of `runs` runs at once reserves: on CPUs, an equal share of
+    the cluster's (Ray gives a worker 1 CPU by default and sets its OMP_NUM_THREADS, torch's
+    threads, to that: a single worker on a 2-core machine trained 1.3-1.5x slower per batch than
+    Determined's local run); None on GPUs (Ray's default: one GPU and one CPU each)."""
     if use_gpu:
         return None
-    return {"CPU": max(1, int(ray.cluster_resources().get("CPU", 0)) // count)}
+    cpus = int(ray.cluster_resources().get("CPU", 0))
+    return {"CPU": max(1, cpus // (count * runs))}
 
 
 def worker_env() -> dict[str, str]:

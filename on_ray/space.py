@@ -34,6 +34,18 @@ def search_space(specs: dict[str, Any], grid: bool, path: str = "hyperparameters
     return space
 
 
+def trial_count(num_samples: int, space: dict[str, Any]) -> int:
+    """How many trials Tune runs: `num_samples` times each grid's points (Tune repeats the grid
+    for every sample)."""
+    count = num_samples
+    for value in space.values():
+        if isinstance(value, dict) and "grid_search" in value:  # tune.grid_search's form
+            count *= len(value["grid_search"])
+        elif isinstance(value, dict):
+            count = trial_count(count, value)
+    return count
+
+
 def _dimension(spec: dict[str, Any], grid: bool, where: str) -> Any:
     kind = spec["type"]
     if kind == "const":

@@ -18,25 +18,51 @@ from typing import Any
 
 import ray.tune
 from ray import tune
+from ray.train import FailureConfig as TrainFailureConfig
 from ray.train import RunConfig as TrainRunConfig
 from ray.train import ScalingConfig
 from ray.train.torch import TorchConfig, TorchTrainer
 from ray.tune.integration.ray_train import CHECKPOINT_PATH_KEY, TuneReportCallback
-from ray.tune.search import ConcurrencyLimiter
 
 from on_ray import cluster
-from on_ray.space import Search, plan_search, search_space
+from on_ray.space import Search, plan_search, search_space, trial_count
 from on_ray.spec import WorkerSpec
 from on_ray.train import train_loop
 from on_ray.worker import run_worker
+from utils.base.errors import ConfigError
+from utils.evaluation.metric_names import searcher_findings
 from utils.experiment import load as experiment
 from utils.training.keys import check_experiment_keys
 from utils.training.plan import plan_run, prepare_data
 
 
-def tune_trial(config: dict[str, Any], spec: WorkerSpec, workers: int, use_gpu: bool) -> None:
+@dataclasses.dataclass(frozen=True)
+class TrialTrainer:
+    """What a trial of several workers gives its `TorchTrainer`, the same for every trial.
+
+    Attributes:
+        resources_per_worker: what each worker reserves (`cluster.worker_resources`).
+        storage: the Tune experiment's folder (or cloud URI): each trial's trainer keeps its
+            run, checkpoints included, under its trial's folder there.
+        max_failures: worker failures the trainer restarts from its last checkpoint.
+        env: the workers' environment.
+    """
+
+    resources_per_worker: dict[str, float] | None
+    storage: str
+    max_failures: int
+    env: dict[str, str]
+
+
+def tune_trial(
+    config: dict[str, Any],
+    spec: WorkerSpec,
+    workers: int,
+    use_gpu: bool,
+    trainer: TrialTrainer | None = None,
+) -> None:
     """One trial: the sampled hyperparameters, planned once here and trained on one worker here
-    or on `workers`, which get the plan."""
+    or on `workers` of a `trainer`, which get the plan."""
     context = ray.tune.get_context()
     exp = spec.experiment
     # From the driver's directory, where the experiment's relative config paths start.
@@ -51,18 +77,10 @@ def tune_trial(config: dict[str, Any], spec: WorkerSpec, workers: int, use_gpu: 
         output=str(Path(spec.output) / context.get_trial_name()),
         run_name=f"{spec.run_name} {context.get_trial_name()}",
     )
-    if workers > 1:  # Ray's way: a trainer per trial, its reports forwarded to Tune
-        TorchTrainer(
-            train_loop,
-            train_loop_config={"spec": spec},
-            torch_config=TorchConfig(backend="nccl" if use_gpu else "gloo"),
-            scaling_config=ScalingConfig(num_workers=workers, use_gpu=use_gpu),
-            run_config=TrainRunConfig(
-                name=context.get_trial_name(),
-                storage_path=str(Path(context.get_trial_dir()) / "train"),
-                callbacks=[TuneReportCallback()],
-            ),
-        ).fit()
+    if workers > 1:
+        if trainer is None:
+            raise ValueError(f"A trial of {workers} workers needs its TrialTrainer.")
+        train_trial(spec, workers, use_gpu, trainer)
         return
 
     def report(metrics: dict[str, Any], folder: Path | None) -> None:
@@ -77,25 +95,45 @@ def tune_trial(config: dict[str, Any], spec: WorkerSpec, workers: int, use_gpu: 
         run_worker(spec, 0, 1, Path(folder), report)
 
 
+def train_trial(spec: WorkerSpec, workers: int, use_gpu: bool, trainer: TrialTrainer) -> None:
+    """Ray's way for Train inside Tune: the trial starts a trainer of its own, whose workers
+    reserve their resources; `TuneReportCallback` hands rank 0's reports to Tune, with the path
+    of their checkpoint (`best_checkpoint`)."""
+    trial_folder = Path(ray.tune.get_context().get_trial_dir()).name
+    TorchTrainer(
+        train_loop,
+        train_loop_config={"spec": spec},
+        torch_config=TorchConfig(backend="nccl" if use_gpu else "gloo"),
+        scaling_config=ScalingConfig(
+            num_workers=workers,
+            use_gpu=use_gpu,
+            resources_per_worker=trainer.resources_per_worker,
+        ),
+        run_config=TrainRunConfig(
+            # The same folder when Tune restarts the trial: Ray Train then resumes its run.
+            name="train",
+            storage_path=f"{trainer.storage.rstrip('/')}/{trial_folder}",
+            failure_config=TrainFailureConfig(max_failures=trainer.max_failures),
+            worker_runtime_env={"env_vars": trainer.env},
+            callbacks=[TuneReportCallback()],
+        ),
+    ).fit()
+
+
 def search_algorithm(name: str, search: Search, seed: int) -> Any:
-    """HyperOpt's or Optuna's TPE (random draws for their first points), or None (random)."""
+    """HyperOpt's or Optuna's TPE (random draws for their first points), or None (random); Tune
+    limits it to the trials that run at once (`max_concurrent_trials`)."""
     startup = min(20, max(1, search.num_samples // 2))
     if name == "hyperopt":
         from ray.tune.search.hyperopt import HyperOptSearch
 
-        algorithm: Any = HyperOptSearch(n_initial_points=startup, random_state_seed=seed)
-    elif name == "optuna":
+        return HyperOptSearch(n_initial_points=startup, random_state_seed=seed)
+    if name == "optuna":
         import optuna
         from ray.tune.search.optuna import OptunaSearch
 
-        algorithm = OptunaSearch(
-            sampler=optuna.samplers.TPESampler(n_startup_trials=startup, seed=seed)
-        )
-    else:
-        return None
-    if search.max_concurrent:
-        algorithm = ConcurrencyLimiter(algorithm, max_concurrent=search.max_concurrent)
-    return algorithm
+        return OptunaSearch(sampler=optuna.samplers.TPESampler(n_startup_trials=startup, seed=seed))
+    return None
 
 
 def tune_search(
@@ -122,11 +160,20 @@ def tune_search(
     # The run of the local values, planned and its data read here: their errors come before any
     # trial. Each trial plans its own hyperparameters once (`tune_trial`).
     plan = plan_run(base, exp.get("data") or {}, world_size=workers, searcher=searcher)
-    prepare_data(plan)
+    # A searcher metric the validations do not report would fail every trial at its first
+    # report; checked with the data's classes (plan_run has logged the warnings).
+    problems, _ = searcher_findings(prepare_data(plan).cfg, searcher)
+    if problems:
+        raise ConfigError(" ".join(problems))
     output = Path(output).resolve()
     cluster.connect(address)
     use_gpu = cluster.check_workers(workers, "resources.slots_per_trial")
+    wanted = trial_count(search.num_samples, space)
+    at_once, per_worker, resources = cluster.trial_resources(
+        workers, use_gpu, min(wanted, search.max_concurrent or wanted)
+    )
     name = f"{exp.get('name') or 'mmdet'}-{time.strftime('%Y%m%d-%H%M%S')}"
+    storage = storage or str(output / "ray")
     spec = WorkerSpec(
         experiment=exp,
         hparams=base,
@@ -137,12 +184,13 @@ def tune_search(
         run_name=name,
         cwd=os.getcwd(),
     )
-    # One worker trains in the trial's own process; more run in a trainer the trial starts.
-    resources = {"CPU": 0} if workers > 1 else {"CPU": 1, "GPU": 1 if use_gpu else 0}
-    trainable = tune.with_resources(
-        partial(tune_trial, spec=spec, workers=workers, use_gpu=use_gpu), resources
-    )
     env = {**cluster.worker_env(), **experiment.environment_variables(exp, use_gpu)}
+    restarts = int(exp.get("max_restarts", 5))
+    trainer = TrialTrainer(per_worker, f"{storage.rstrip('/')}/{name}", restarts, env)
+    trainable = tune.with_resources(
+        partial(tune_trial, spec=spec, workers=workers, use_gpu=use_gpu, trainer=trainer),
+        resources,
+    )
     os.environ.update({k: v for k, v in env.items() if k not in os.environ})
     tuner = tune.Tuner(
         trainable,
@@ -151,14 +199,14 @@ def tune_search(
             metric=search.metric,
             mode=search.mode,
             num_samples=search.num_samples,
-            max_concurrent_trials=search.max_concurrent or None,
+            max_concurrent_trials=at_once,
             scheduler=search.scheduler,
             search_alg=search_algorithm(search_alg, search, seed),
         ),
         run_config=tune.RunConfig(
             name=name,
-            storage_path=storage or str(output / "ray"),
-            failure_config=tune.FailureConfig(max_failures=int(exp.get("max_restarts", 5))),
+            storage_path=storage,
+            failure_config=tune.FailureConfig(max_failures=restarts),
             verbose=1,
         ),
     )

@@ -33,6 +33,7 @@ from utils.training.loop import (
 )
 from utils.training.outputs import RunOutputs
 from utils.training.plan import config_seed
+from utils.training.sanity import run_sanity_pass
 from utils.training.session import TrainingSession
 
 # report(metrics, checkpoint folder or None): Ray's train or tune report, called on every rank.
@@ -58,6 +59,8 @@ def run_worker(
     session = TrainingSession(
         plan, seed=config_seed(plan.cfg) or 0, rank=rank, device=device, resumed_batches=resumed
     )
+    # Every rank, on the bare detector before DDP wraps it, before the chief's MLflow run.
+    run_sanity_pass(session)
     if world_size > 1:
         session.model = DistributedDataParallel(
             session.detector, device_ids=[device.index] if cuda else None

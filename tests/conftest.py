@@ -88,3 +88,29 @@ def trained_maskrcnn(tmp_path_factory: pytest.TempPathFactory, synthetic_cache: 
     data = {"backend": "synthetic", "cache_dir": str(synthetic_cache), "synthetic": TINY_SYNTHETIC}
     train(output, "configs/synthetic/maskrcnn_r18_fpn_synthetic.py", data, "--max-batches", "2")
     return output
+
+
+DEFAULT_THREADS = pytest.StashKey[int]()
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Under pytest-xdist (`make test`: `-n 2 --dist loadgroup`) a module's tests run in one
+    worker, so its module-scoped servers start once; the modules that start a Ray cluster share
+    one worker, so one cluster runs at a time."""
+    for item in items:
+        module = item.nodeid.split("::")[0]
+        group = "ray" if module.startswith("tests/on_ray/") else module
+        item.add_marker(pytest.mark.xdist_group(group))
+
+
+@pytest.fixture(autouse=True)
+def one_thread_per_worker(request: pytest.FixtureRequest) -> None:
+    """Under pytest-xdist each worker computes on one thread: the workers share the cores, and
+    two torch pools spinning on the same cores slow each other. The Ray modules keep torch's
+    default: they compare this process' predictions with a replica's, computed as before."""
+    if not hasattr(request.config, "workerinput"):
+        return
+    import torch
+
+    default = request.config.stash.setdefault(DEFAULT_THREADS, torch.get_num_threads())
+    torch.set_num_threads(default if "/on_ray/" in str(request.path) else 1)

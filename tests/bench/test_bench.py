@@ -29,6 +29,7 @@ STARTUP_ROWS = (
     "Start-up to first batch, later runs",
     "Start-up peak, later runs",
     "Annotation checks of 8 ranks",
+    "Sanity pass share of the start-up",
 )
 EVALUATION_ROWS = ("COCO bbox evaluation", "COCO segm evaluation", "Evaluation plots")
 VALIDATION_ROWS = (

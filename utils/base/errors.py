@@ -43,6 +43,11 @@ class WeightsError(RuntimeError):
     """Pretrained weights could not be fetched or read; the message names the file or URL."""
 
 
+class StageError(RuntimeError):
+    """A training step or validation failed inside mmdet, mmcv or mmengine; the message names the
+    stage, the transform or config key to look at, and the image (e.g. the start-up sanity pass)."""
+
+
 class TrainingStopped(RuntimeError):
     """A run stopped on purpose (e.g. a non-finite loss), saying why and how to go on."""
 
@@ -58,5 +63,6 @@ USER_ERRORS = (
     TrackingError,
     ImageError,
     WeightsError,
+    StageError,
     TrainingStopped,
 )

@@ -6,120 +6,37 @@ what a Determined 0.38.1 master would reject in the searcher, hyperparameters an
 (`utils.experiment.rules`), the keys the trial reads (`utils.training.keys`), the
 hyperparameters' values, that the config files are in the uploaded context
 (`on_determined.context`), and what the first validation would fail on
-(`utils.evaluation.preflight`). Data on this machine is prepared and read as the trial would
+(`utils.evaluation.preflight`), and that the searcher's metric is one the validation reports
+(`utils.evaluation.metric_names`). Data on this machine is prepared and read as the trial would
 (`prepare_data`, `utils.check.data`): classes, image counts, the `Schedule` and the bad-data
 checks; data elsewhere is named with the checks that could not be made.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
-from pathlib import Path
 from typing import Any
 
 from mmdet.registry import MODELS
 
-from utils.base.errors import USER_ERRORS, ConfigError, TrackingError
+from utils.base.errors import USER_ERRORS, TrackingError
 from utils.check.data import UNCHECKED, DataReport, EngineRules, locate_data, read_data
-from utils.config.build import KNOWN_HPARAMS, resolve_config_path, unfollowed_intervals
-from utils.config.evaluators import evaluator_configs
+from utils.check.hparams import hparam_problems
+from utils.config.build import unfollowed_intervals
 from utils.config.schedule import by_epoch, config_length
-from utils.config.tree import base_dataset
-from utils.evaluation.drawings import visualization_settings
-from utils.evaluation.evaluator import coco_backend
+from utils.config.tree import base_dataset, evaluator_configs
+from utils.evaluation.metric_names import searcher_findings
 from utils.evaluation.preflight import evaluation_problems
-from utils.evaluation.report import plot_settings
 from utils.experiment.load import local_hparams
 from utils.experiment.rules import hyperparameters_problems, submission_problems
 from utils.training.hooks import yolox_switch_epoch
 from utils.training.keys import data_key_problems, hyperparameter_key_problems, known_part
 from utils.training.plan import RunPlan, plan_run, prepare_data
+from utils.training.sanity import sanity_problems
 from utils.training.tracking_settings import mlflow_settings, redact
 
-NUMERIC = ("lr", "weight_decay", "momentum")
 SEARCHER_KEYS = ("max_trials", "max_concurrent_trials", "time_metric", "max_time", "max_rungs")
-
-# An engine's objection to a config file an experiment names: (key, name, path) -> problem.
-FileRule = Callable[[str, str, Path], "str | None"]
 # A check without an engine's rules: every file is in the container, nothing is mounted.
 NO_ENGINE_RULES = EngineRules()
-
-
-def candidates(spec: Any) -> list[Any]:
-    """The values a hyperparameter can take (a range gives its two ends)."""
-    if not isinstance(spec, dict) or "type" not in spec:
-        return [spec]
-    kind = spec["type"]
-    if kind == "const":
-        return [spec.get("val")]
-    if kind == "categorical":
-        return list(spec.get("vals") or [])
-    if kind == "log":
-        base = spec.get("base", 10)
-        return [base ** spec.get("minval", 0), base ** spec.get("maxval", 0)]
-    return [spec.get("minval"), spec.get("maxval")]
-
-
-def hparam_problems(
-    specs: dict[str, Any], slots: int, file_rule: FileRule | None = None
-) -> list[str]:
-    """Wrong types, config files that do not resolve or that `file_rule` refuses (an engine's:
-    e.g. not in what Determined uploads), batches that do not split (names the trial does not
-    read are `utils.training.keys`' to report)."""
-    problems = []
-    for name, spec in specs.items():
-        if name not in KNOWN_HPARAMS:
-            continue
-        for value in candidates(spec):
-            if name in ("config_file", "merge_config"):
-                if not isinstance(value, str):
-                    problems.append(f"hyperparameters.{name} must be a config path, not {value!r}.")
-                    continue
-                try:
-                    path = resolve_config_path(value, name)
-                except ConfigError as err:
-                    problems.append(str(err))
-                    continue
-                if (
-                    file_rule is not None
-                    and not value.startswith("mmdet::")
-                    and (problem := file_rule(name, value, path))
-                ):
-                    problems.append(problem)
-            elif name == "global_batch_size":
-                if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-                    problems.append(
-                        f"hyperparameters.global_batch_size {value!r} is not a positive int."
-                    )
-                elif value % slots:
-                    problems.append(
-                        f"hyperparameters.global_batch_size {value} does not divide by "
-                        f"resources.slots_per_trial {slots}: make it a multiple."
-                    )
-            elif name in NUMERIC and (
-                isinstance(value, bool) or not isinstance(value, int | float)
-            ):
-                problems.append(f"hyperparameters.{name} must be a number, not {value!r}.")
-            elif name == "load_from" and not (isinstance(value, str) and value):
-                problems.append(
-                    f"hyperparameters.load_from must be a path, URL or gs:// path, not {value!r}."
-                )
-            elif name == "override_mmdet_config" and not isinstance(value, dict):
-                problems.append(
-                    "hyperparameters.override_mmdet_config must map dotted keys to values."
-                )
-            elif name == "coco_backend":
-                try:
-                    coco_backend(value)
-                except ConfigError as err:
-                    problems.append(str(err))
-            elif name in ("visualization", "evaluation_plots"):
-                settings = visualization_settings if name == "visualization" else plot_settings
-                try:
-                    settings({name: value})
-                except ConfigError as err:
-                    problems.append(str(err))
-    return problems
 
 
 def processes(exp: dict[str, Any]) -> int:
@@ -165,12 +82,16 @@ def check_experiment(
             plan = prepare_data(plan)
         model = MODELS.build(plan.cfg.model)
         report = read_data(plan) if place.here else None
+        if report is not None and not report.problems:  # the sanity pass: the run's code ran
+            problems += sanity_problems(plan, model)
     except USER_ERRORS as err:
         # The same problem may be caught by both checks: report it once.
         return [], list(dict.fromkeys([*problems, str(err)]))
     except Exception as err:  # any build error of mmdet is a problem to report, not a crash
         return [], [*problems, f"building the run failed: {type(err).__name__}: {err}"]
     problems += evaluation_problems(plan.cfg, model)  # what the first validation would fail on
+    found, warnings = searcher_findings(plan.cfg, searcher, model)  # with the classes read
+    problems += found
     if report is not None:
         problems += report.problems
 
@@ -194,6 +115,7 @@ def check_experiment(
         f"searcher: {searcher.get('name')}, metric {searcher.get('metric')} "
         f"({'smaller' if searcher.get('smaller_is_better', True) else 'larger'} is better)"
         + "".join(f", {key} {searcher[key]}" for key in SEARCHER_KEYS if key in searcher),
+        *(f"warning: {warning}" for warning in warnings),
         f"optimizer: {optimizer.type}, lr {optimizer.lr:g}"
         + (" (scaled to the global batch)" if specs.get("auto_scale_lr") else ""),
     ]

@@ -6,13 +6,17 @@ a few keys (learning rate, weight decay, momentum, batch size, dotted `override_
 
 from __future__ import annotations
 
+import ast
 import difflib
 import importlib.util
 import logging
+import traceback
 from pathlib import Path
 from typing import Any
 
 from mmengine.config import Config, ConfigDict
+from mmengine.config.config import BASE_KEY
+from mmengine.utils import import_modules_from_strings
 
 from utils.base.errors import ConfigError
 from utils.config.schedule import accumulation, by_epoch
@@ -33,6 +37,7 @@ KNOWN_HPARAMS = (
     "load_from",
     "visualization",
     "evaluation_plots",
+    "sanity_pass",
 )
 
 
@@ -59,11 +64,112 @@ def load_config(hparams: dict[str, Any]) -> Config:
     """`config_file` with `merge_config` merged on top, before any other change."""
     if "config_file" not in hparams:
         raise ConfigError("hyperparameters.config_file is missing: name an mmdet config to train.")
-    cfg = Config.fromfile(resolve_config_path(hparams["config_file"]))
+    cfg = read_config(resolve_config_path(hparams["config_file"]), "config_file")
     if hparams.get("merge_config"):
-        extra = Config.fromfile(resolve_config_path(hparams["merge_config"], "merge_config"))
+        path = resolve_config_path(hparams["merge_config"], "merge_config")
+        extra = read_config(path, "merge_config")
         cfg.merge_from_dict(extra.to_dict(), allow_list_keys=True)
     return cfg
+
+
+def read_config(path: Path, key: str = "config_file") -> Config:
+    """mmengine's `Config.fromfile`, with errors that name the file and line at fault, which
+    mmengine's own do not (it parses without the file name): a syntax error or a missing
+    `_base_` file anywhere in the inheritance, an error while a file runs, a failed
+    `custom_imports`. `key`: the hyperparameter that names `path`, for the messages."""
+    files = config_files(path, key)
+    try:
+        cfg = Config.fromfile(path, import_custom_modules=False)
+    except Exception as err:  # reading config files: any error is the config's
+        raise ConfigError(
+            f"{_failed_line(err, files, path)}: {type(err).__name__}: {err} "
+            f"(hyperparameters.{key}): fix the config."
+        ) from err
+    imports = cfg.get("custom_imports")
+    if imports:
+        try:
+            import_modules_from_strings(**imports)
+        except Exception as err:  # a missing module, or any error while importing one
+            setter = next((f for f, names in files.items() if "custom_imports" in names), None)
+            where = f"{setter}, line {files[setter]['custom_imports']}" if setter else str(path)
+            raise ConfigError(
+                f"{where}: custom_imports {imports.get('imports')} failed: "
+                f"{type(err).__name__}: {err}. Install the module or fix its name; modules of "
+                "this repository import from the working directory."
+            ) from err
+    return cfg
+
+
+def config_files(path: Path, key: str = "config_file") -> dict[Path, dict[str, int]]:
+    """The Python config files `path` reads (itself, then its `_base_` files, depth first), each
+    with the line of every top-level name it assigns. A syntax error, or a `_base_` that does
+    not exist, is a ConfigError naming the file and line."""
+    files: dict[Path, dict[str, int]] = {}
+    pending = [Path(path).resolve()]
+    while pending:
+        file = pending.pop()
+        if file in files or file.suffix != ".py":
+            continue  # YAML and JSON configs: mmengine's errors name the file
+        top = file == Path(path).resolve()
+        inherited = f" (hyperparameters.{key}{'' if top else f' {path} inherits it'})"
+        try:
+            tree = ast.parse(file.read_text(encoding="utf-8"), filename=str(file))
+        except SyntaxError as err:
+            raise ConfigError(
+                f"{file}, line {err.lineno}: {err.msg}{inherited}: fix the syntax."
+            ) from err
+        except (OSError, UnicodeDecodeError) as err:
+            raise ConfigError(f"{file}: cannot read it ({err}){inherited}.") from err
+        files[file] = names = {}
+        for node in tree.body:
+            for target in node.targets if isinstance(node, ast.Assign) else []:
+                if isinstance(target, ast.Name):
+                    names.setdefault(target.id, node.lineno)
+        pending += reversed([base_file(name, file, names) for name in _base_names(tree)])
+    return files
+
+
+def base_file(name: str, file: Path, names: dict[str, int]) -> Path:
+    """Where mmengine finds the `_base_` entry `name` of `file`; a ConfigError if nowhere."""
+    where = f"{file}, line {names.get(BASE_KEY)}: _base_ {name!r}"
+    try:
+        found, _ = Config._get_cfg_path(name, str(file))  # mmengine's own lookup
+    except Exception as err:  # a package that is not installed, a metafile without the name
+        raise ConfigError(
+            f"{where} cannot be found ({err}): fix the name (mmdet::group/file.py names a file "
+            "under mmdet's configs/)."
+        ) from err
+    if not Path(found).is_file():
+        raise ConfigError(
+            f"{where} does not exist ({Path(found)}): fix the path (relative to {file.parent}), or "
+            "name an mmdet config as mmdet::group/file.py."
+        )
+    return Path(found).resolve()
+
+
+def _base_names(tree: ast.Module) -> list[str]:
+    """The file's `_base_` entries; none where they are not literal strings (mmengine then
+    evaluates and reports them itself) or use its `{{ }}` substitutions."""
+    for node in tree.body:
+        if isinstance(node, ast.Assign) and any(
+            isinstance(t, ast.Name) and t.id == BASE_KEY for t in node.targets
+        ):
+            try:
+                value = ast.literal_eval(node.value)
+            except ValueError:
+                return []
+            entries = value if isinstance(value, list | tuple) else [value]
+            return [e for e in entries if isinstance(e, str) and "{{" not in e]
+    return []
+
+
+def _failed_line(err: Exception, files: dict[Path, dict[str, int]], path: Path) -> str:
+    """The config file and line where `err` was raised while mmengine ran the files, else
+    `path`."""
+    for frame in reversed(traceback.extract_tb(err.__traceback__)):
+        if Path(frame.filename).resolve() in files:
+            return f"{frame.filename}, line {frame.lineno}"
+    return str(path)
 
 
 def accumulative_counts(hparams: dict[str, Any]) -> int:

@@ -129,10 +129,11 @@ def _check(path: Path) -> AnnotationReport:
     images = {image["id"]: image for image in coco["images"]}
     if len(images) != len(coco["images"]):
         raise AnnotationError(f"{path}: image ids repeat; each image needs its own id.")
-    category_ids = {category["id"] for category in coco["categories"]}
+    names_by_id = category_names(path, coco["categories"])
+    category_ids = set(names_by_id)
     report = AnnotationReport(
         path=Path(path),
-        categories=[c["name"] for c in sorted(coco["categories"], key=lambda c: c["id"])],
+        categories=[names_by_id[i] for i in sorted(names_by_id)],
         images=len(images),
         annotations=len(coco["annotations"]),
     )
@@ -168,6 +169,38 @@ def _check(path: Path) -> AnnotationReport:
         if w < 1 or h < 1 or inside_w <= 0 or inside_h <= 0 or ann.get("area", 1) <= 0:
             report.skipped.append(ann.get("id"))
     return report
+
+
+def category_names(path: Path, categories: list) -> dict[int, str]:
+    """Each category's name by its id; raise AnnotationError where mmdet cannot map names and
+    ids one to one (it finds a class's id by its name: `data.classes`, or every category)."""
+    names_by_id: dict[int, str] = {}
+    ids_by_name: dict[str, list[int]] = {}
+    for category in categories:
+        cat_id, name = category.get("id"), category.get("name")
+        if not isinstance(cat_id, int) or isinstance(cat_id, bool) or not isinstance(name, str):
+            raise AnnotationError(
+                f"{path}: category {category!r} needs an integer 'id' and a string 'name'."
+            )
+        if cat_id in names_by_id:
+            raise AnnotationError(
+                f"{path}: category id {cat_id} repeats ({names_by_id[cat_id]!r} and {name!r}); "
+                "give each category its own id."
+            )
+        names_by_id[cat_id] = name
+        ids_by_name.setdefault(name, []).append(cat_id)
+    repeated = {name: ids for name, ids in ids_by_name.items() if len(ids) > 1}
+    if repeated:
+        listed = "; ".join(
+            f"{name!r} has ids {', '.join(map(str, ids))}" for name, ids in repeated.items()
+        )
+        raise AnnotationError(
+            f"{path}: category names repeat ({listed}). mmdet finds a class's category by its "
+            "name, so these ids cannot be told apart, whether the classes are the file's or "
+            "named in data.classes: rename the categories apart (e.g. 'tree_2') or merge their "
+            "annotations under one id."
+        )
+    return names_by_id
 
 
 def _log_skipped(report: AnnotationReport) -> None:

@@ -12,7 +12,7 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset, Sampler, get_worker_info
 
-from utils.base.errors import ImageError
+from utils.base.errors import ConfigError, ImageError
 from utils.base.files import CACHE_ROOT
 
 ORIENTATIONS_DIR = CACHE_ROOT / "orientations"
@@ -178,11 +178,14 @@ class LoudDataset(Dataset):
     """Re-raises a sample's loading error with the image path and what to do about it.
 
     mmcv's errors for an unreadable image do not always name the file (a zero-byte image fails
-    inside OpenCV), and inside a data loader worker the failing sample is hard to find.
+    inside OpenCV), and inside a data loader worker the failing sample is hard to find. A
+    transform that fails after the image loaded is named under `key` (the dataset's config key)
+    instead: its settings, not the file, are the likely cause.
     """
 
-    def __init__(self, dataset: Dataset) -> None:
+    def __init__(self, dataset: Dataset, key: str = "dataset") -> None:
         self.dataset = dataset
+        self.key = key
 
     def __len__(self) -> int:
         return len(self.dataset)
@@ -194,11 +197,53 @@ class LoudDataset(Dataset):
         try:
             return self.dataset[index]
         except Exception as err:
-            path = self.dataset.get_data_info(index).get("img_path", f"sample {index}")
+            leaf, leaf_index, leaf_key = leaf_of(self.dataset, index, self.key)
+            path = leaf.get_data_info(leaf_index).get("img_path", f"sample {leaf_index}")
+            found = Stepwise(leaf)[leaf_index]
+            if found is not None and not type(found[1]).__name__.startswith("Load"):
+                position, transform, cause = found
+                raise ConfigError(
+                    f"{leaf_key}.pipeline.{position} ({type(transform).__name__}) fails on {path} "
+                    f"({type(cause).__name__}: {cause}). Check that transform's settings and its "
+                    "place in the pipeline."
+                ) from err
             raise ImageError(
                 f"{path}: cannot load it ({type(err).__name__}: {err}). Replace the file, or drop "
                 "the image from the annotation file."
             ) from err
+
+
+class Stepwise:
+    """A dataset's pipeline run one transform at a time: the first failing one, or None."""
+
+    def __init__(self, dataset: Any) -> None:
+        self.dataset = dataset
+
+    def __getitem__(self, index: int) -> tuple[int, Any, Exception] | None:
+        results = self.dataset.get_data_info(index)
+        for position, transform in enumerate(self.dataset.pipeline.transforms):
+            try:
+                results = transform(results)
+            except Exception as err:
+                return position, transform, err
+            if results is None:  # a transform that filters the sample out
+                return None
+        return None
+
+
+def leaf_of(dataset: Any, index: int, key: str) -> tuple[Any, int, str]:
+    """The dataset inside wrappers that holds sample `index`, its index there and config key."""
+    while True:
+        if hasattr(dataset, "datasets"):  # ConcatDataset
+            which, index = dataset._get_ori_dataset_idx(index)
+            dataset, key = dataset.datasets[which], f"{key}.datasets.{which}"
+        elif hasattr(dataset, "dataset"):  # Repeat, ClassBalanced, MultiImageMix
+            if hasattr(dataset, "repeat_indices"):
+                index = dataset.repeat_indices[index]
+            dataset, key = dataset.dataset, f"{key}.dataset"
+            index %= len(dataset)
+        else:
+            return dataset, index, key
 
 
 class LoaderSeedDraws:

@@ -24,11 +24,10 @@ from mmengine.config import Config
 
 from utils.base.errors import DataError
 from utils.base.files import CACHE_ROOT
-from utils.config.evaluators import evaluator_configs
-from utils.config.tree import SPLITS, base_dataset, set_num_classes
+from utils.config.tree import SPLITS, point_at_coco, set_classes
 from utils.data import synthetic
 from utils.data.annotations import AnnotationReport, check_coco_file
-from utils.data.voc import VOC_SPLIT_DEFAULTS, apply_voc_section, check_voc_paths, use_coco_format
+from utils.data.voc import VOC_SPLIT_DEFAULTS, apply_voc_section, check_voc_folders
 
 logger = logging.getLogger(__name__)
 
@@ -106,7 +105,6 @@ def plan_data(cfg: Config, data: dict[str, Any]) -> DataPlan:
         )
     if data_format == "voc":
         logger.warning("data.backend=synthetic: the generated data are COCO, not VOC.")
-    use_coco_format(cfg)
     layout = {key: data.get(key, default) for key, default in DISK_DEFAULTS.items()}
     cache_dir = str(Path(data.get("cache_dir") or CACHE_ROOT))
     classes = data.get("classes")
@@ -115,11 +113,6 @@ def plan_data(cfg: Config, data: dict[str, Any]) -> DataPlan:
         spec = synthetic.SyntheticSpec(**(data.get("synthetic") or {}))
         root = str(synthetic.dataset_root(Path(cache_dir), spec))
         layout = SYNTHETIC_LAYOUT
-        # Generated shapes need no ImageNet features, and tests and demos must not download.
-        # The config's detector weights too (a `load_from` hyperparameter is the user's choice).
-        dropped = drop_pretrained(cfg.model) + bool(cfg.pop("load_from", None))
-        if dropped:
-            logger.warning("data.backend=synthetic: the model's pretrained weights are not loaded.")
         ann_files = {split: str(Path(root, layout[f"{split}_ann"])) for split in SPLITS}
         classes = classes or list(synthetic.CLASSES)
         extra = dict(spec=spec)
@@ -146,20 +139,6 @@ def plan_data(cfg: Config, data: dict[str, Any]) -> DataPlan:
     else:
         raise DataError(f"data.backend {backend!r} is unknown; use one of {', '.join(BACKENDS)}.")
 
-    for split in SPLITS:
-        dataset = base_dataset(cfg[f"{split}_dataloader"].dataset)
-        dataset.data_root = root
-        dataset.ann_file = ann_files[split]
-        dataset.data_prefix = dict(img=layout[f"{split}_img_prefix"])
-        if data.get("image_cache_bytes") and backend in ("gcs", "gcp"):
-            # Each process keeps up to this many bytes of images in memory: later epochs re-read
-            # them without network traffic.
-            args = dict(backend="gcs", cache_bytes=int(data["image_cache_bytes"]))
-            for step in dataset.pipeline:
-                if step.type == "LoadImageFromFile":
-                    step.backend_args = args
-    for evaluator in evaluator_configs(cfg.val_evaluator):
-        evaluator.ann_file = ann_files["val"]
     plan = DataPlan(
         "gcs" if backend == "gcp" else backend,
         "coco",  # generated data are COCO whatever the section says (warned above)
@@ -169,8 +148,25 @@ def plan_data(cfg: Config, data: dict[str, Any]) -> DataPlan:
         cache_dir=cache_dir,
         **extra,
     )
-    if plan.classes:
-        apply_classes(cfg, plan.classes, plan.backend)
+    cache_bytes = data.get("image_cache_bytes") if plan.backend == "gcs" else None
+    dropped = point_at_coco(
+        cfg,
+        root,
+        ann_files,
+        {split: layout[f"{split}_img_prefix"] for split in SPLITS},
+        classes=plan.classes,
+        palette=palette(plan),
+        # Each process keeps up to this many bytes of images in memory: later epochs re-read
+        # them without network traffic.
+        image_backend_args=dict(backend="gcs", cache_bytes=int(cache_bytes))
+        if cache_bytes
+        else None,
+        # Generated shapes need no ImageNet features, and tests and demos must not download.
+        # The config's detector weights too (a `load_from` hyperparameter is the user's choice).
+        drop_weights=plan.backend == "synthetic",
+    )
+    if dropped:
+        logger.warning("data.backend=synthetic: the model's pretrained weights are not loaded.")
     return plan
 
 
@@ -183,19 +179,15 @@ def prepare_source(cfg: Config, plan: DataPlan) -> Config:
     (`check_coco_file`) and that named classes are in them. Safe and cheap to repeat from every
     rank of a host: each step keeps its outcome in a per-host cache, behind a file lock.
     """
-    if plan.format == "voc":
-        root = Path(plan.root)
-        for year in plan.years:
-            check_voc_paths(root, year, "train_split", plan.voc_splits["train_split"])
-        check_voc_paths(root, plan.years[0], "val_split", plan.voc_splits["val_split"])
-        return cfg
     ann_files = {split: Path(path) for split, path in plan.ann_files.items()}
+    for split, img_dir in plan.img_dirs.items():  # COCO on disk
+        check_split_paths(split, ann_files[split], Path(img_dir))
+    if plan.format == "voc":
+        check_voc_folders(plan.root, list(plan.years), plan.voc_splits)
+        return cfg
     if plan.backend == "synthetic":
         synthetic.ensure_dataset(Path(plan.cache_dir), plan.spec)
-    elif plan.backend == "disk":
-        for split in SPLITS:
-            check_split_paths(split, ann_files[split], Path(plan.img_dirs[split]))
-    else:
+    elif plan.backend == "gcs":
         from utils.data import gcs
 
         # The gs:// file backend that mmcv's LoadImageFromFile and mmdet's datasets read through.
@@ -205,20 +197,18 @@ def prepare_source(cfg: Config, plan: DataPlan) -> Config:
     classes = classes_of(reports["val"], list(plan.classes) if plan.classes else None)
     if plan.classes:
         return cfg  # given to the config when planned, and now checked against the file
+    colours = palette(plan, tuple(classes))
     cfg = copy.deepcopy(cfg)  # the plan's config stays as planned
-    apply_classes(cfg, tuple(classes), plan.backend)
+    set_classes(cfg, tuple(classes), colours)
     return cfg
 
 
-def apply_classes(cfg: Config, classes: tuple[str, ...], backend: str) -> None:
-    """The classes into both datasets' metainfo and every head's `num_classes`."""
-    for split in SPLITS:
-        dataset = base_dataset(cfg[f"{split}_dataloader"].dataset)
-        dataset.metainfo = dict(classes=tuple(classes))
-        if backend == "synthetic" and tuple(classes) == synthetic.CLASSES:
-            # COCO's palette would draw circles and squares in two close reds.
-            dataset.metainfo["palette"] = list(synthetic.PALETTE)
-    set_num_classes(cfg.model, len(classes))
+def palette(plan: DataPlan, classes: tuple[str, ...] | None = None) -> list | None:
+    """The drawing colours of the generated set's classes: COCO's palette would draw circles and
+    squares in two close reds. None for other data (mmdet's palette)."""
+    classes = classes or plan.classes
+    generated = plan.backend == "synthetic" and tuple(classes or ()) == synthetic.CLASSES
+    return list(synthetic.PALETTE) if generated else None
 
 
 def classes_of(report: AnnotationReport, classes: list[str] | None) -> list[str]:
@@ -251,17 +241,3 @@ def check_split_paths(split: str, ann_file: Path, img_dir: Path) -> None:
             f"data.{split}_img_prefix: image folder {img_dir} does not exist; check data.root "
             f"and data.{split}_img_prefix."
         )
-
-
-def drop_pretrained(model_cfg: Any) -> int:
-    """Remove every `init_cfg` of type Pretrained from the model config; return how many."""
-    count = 0
-    if isinstance(model_cfg, dict):
-        init_cfg = model_cfg.get("init_cfg")
-        if isinstance(init_cfg, dict) and init_cfg.get("type") == "Pretrained":
-            model_cfg["init_cfg"] = None
-            count += 1
-        count += sum(drop_pretrained(v) for k, v in model_cfg.items() if k != "init_cfg")
-    elif isinstance(model_cfg, (list, tuple)):
-        count += sum(drop_pretrained(item) for item in model_cfg)
-    return count

@@ -1,6 +1,6 @@
 """Pascal VOC data: a VOCdevkit folder as VOCDatasets, VOC mAP results named `voc_mAP`, ...
 
-Also turns a VOC config's datasets and metric into COCO ones when it trains COCO data.
+(A VOC config trained on COCO data is `utils.config.tree.use_coco_format`'s.)
 """
 
 from __future__ import annotations
@@ -12,12 +12,9 @@ from typing import Any
 from mmengine.config import Config, ConfigDict
 
 from utils.base.errors import DataError
-from utils.config.evaluators import evaluator_configs
-from utils.config.tree import SPLITS, base_dataset, dataset_slot, set_num_classes
+from utils.config.tree import VOC_METRIC, evaluator_configs, point_at_voc
 
 VOC_SPLIT_DEFAULTS = {"train_split": "trainval", "val_split": "test"}
-# The registered name of VOCMetric with prefixed results (see `register_voc_metric`).
-VOC_METRIC = "PrefixedVOCMetric"
 
 
 def apply_voc_section(cfg: Config, data: dict[str, Any], verify_paths: bool = True) -> None:
@@ -35,41 +32,17 @@ def apply_voc_section(cfg: Config, data: dict[str, Any], verify_paths: bool = Tr
         raise DataError(f"data.years is {years!r}: list VOC years, e.g. [2007, 2012].")
     splits = {key: data.get(key, default) for key, default in VOC_SPLIT_DEFAULTS.items()}
     if verify_paths:
-        for year in years:
-            check_voc_paths(Path(root), year, "train_split", splits["train_split"])
-        check_voc_paths(Path(root), years[0], "val_split", splits["val_split"])
-    classes = tuple(data.get("classes") or voc_classes(cfg))
-    for split, split_years in (("train", years), ("val", years[:1])):
-        slot = dataset_slot(cfg[f"{split}_dataloader"])
-        template = base_dataset(slot.dataset)
-        datasets = []
-        for year in split_years:
-            dataset = copy.deepcopy(template)
-            # Assigned, not update()d: ConfigDict.update would merge COCO's data_prefix in.
-            dataset["type"] = "VOCDataset"
-            dataset["data_root"] = root
-            dataset["ann_file"] = f"VOC{year}/ImageSets/Main/{splits[f'{split}_split']}.txt"
-            dataset["data_prefix"] = dict(sub_data_root=f"VOC{year}/")
-            dataset["metainfo"] = dict(classes=classes)
-            datasets.append(dataset)
-        # VOCDataset names its year in metainfo['dataset_type'], which ConcatDataset compares.
-        slot.dataset = (
-            datasets[0]
-            if len(datasets) == 1
-            else ConfigDict(type="ConcatDataset", ignore_keys=["dataset_type"], datasets=datasets)
-        )
-    cfg.val_evaluator = voc_evaluator(cfg.val_evaluator, years[0])
-    set_num_classes(cfg.model, len(classes))
+        check_voc_folders(root, years, splits)
+    evaluator = voc_evaluator(cfg.val_evaluator, years[0])
+    classes = tuple(data["classes"]) if data.get("classes") else None
+    point_at_voc(cfg, root, years, splits, classes, evaluator)
 
 
-def voc_classes(cfg: Config) -> tuple[str, ...]:
-    """The config's dataset classes, else VOC's 20."""
-    metainfo = base_dataset(cfg.train_dataloader.dataset).get("metainfo") or {}
-    if metainfo.get("classes"):
-        return tuple(metainfo["classes"])
-    from mmdet.datasets.voc import VOCDataset  # slow import, only for VOC data
-
-    return tuple(VOCDataset.METAINFO["classes"])
+def check_voc_folders(root: str, years: list[int | str], splits: dict[str, str]) -> None:
+    """Every year's training split and the first year's validation split are there."""
+    for year in years:
+        check_voc_paths(Path(root), year, "train_split", splits["train_split"])
+    check_voc_paths(Path(root), years[0], "val_split", splits["val_split"])
 
 
 def check_voc_paths(root: Path, year: int | str, split_key: str, split: str) -> None:
@@ -101,12 +74,13 @@ def voc_evaluator(evaluator_cfg: Any, val_year: int | str) -> ConfigDict:
     default for the validation year ('11points' for 2007, 'area' after); `override_mmdet_config`
     `val_evaluator.eval_mode` changes it.
     """
+    name = register_voc_metric()
     evaluators = evaluator_configs(evaluator_cfg)
     voc = [e for e in evaluators if e.get("type") in ("VOCMetric", VOC_METRIC)]
     settings = copy.deepcopy(voc[0]) if voc else ConfigDict()
     settings.setdefault("eval_mode", "11points" if str(val_year) == "2007" else "area")
     settings.setdefault("prefix", "voc")
-    settings.update(type=register_voc_metric(), metric="mAP")
+    settings.update(type=name, metric="mAP")
     return settings
 
 
@@ -128,25 +102,3 @@ def register_voc_metric() -> str:
 
         METRICS.register_module(name=VOC_METRIC, module=PrefixedVOCMetric)
     return VOC_METRIC
-
-
-def use_coco_format(cfg: Config) -> None:
-    """Make a VOC config's datasets CocoDatasets and its VOCMetric a COCO bbox metric.
-
-    COCO data (generated, or `data.format: coco`) then trains any VOC recipe; other configs are
-    left alone.
-    """
-    for split in SPLITS:
-        slot = dataset_slot(cfg[f"{split}_dataloader"])
-        dataset = base_dataset(slot.dataset)
-        if dataset.get("type") != "VOCDataset":
-            continue
-        dataset = copy.deepcopy(dataset)
-        dataset.type = "CocoDataset"
-        dataset.pop("data_prefix", None)
-        if dataset.get("filter_cfg"):
-            dataset.filter_cfg.pop("bbox_min_size", None)  # XMLDataset's only
-        slot.dataset = dataset
-    evaluators = evaluator_configs(cfg.val_evaluator)
-    if any(e.get("type") in ("VOCMetric", VOC_METRIC) for e in evaluators):
-        cfg.val_evaluator = ConfigDict(type="CocoMetric", metric="bbox", format_only=False)

@@ -21,7 +21,7 @@ from mmengine.config import Config
 from mmengine.registry import METRICS
 
 from utils.base.errors import ConfigError
-from utils.config.evaluators import evaluator_configs
+from utils.config.tree import evaluator_configs
 from utils.evaluation.coco_metric import BACKENDS, DEFAULT_BACKEND, STAT_NAMES, BackendCocoMetric
 from utils.evaluation.mask_rle import encode_masks
 

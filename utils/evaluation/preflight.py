@@ -13,7 +13,7 @@ from typing import Any
 
 from mmengine.config import Config
 
-from utils.config.evaluators import evaluator_configs
+from utils.config.tree import evaluator_configs
 from utils.evaluation.coco_metric import STAT_NAMES
 
 COCO_METRIC_TYPES = ("CocoMetric", "mmdet.CocoMetric")

@@ -28,7 +28,7 @@ from mmengine.config import Config, ConfigDict
 from mmengine.dataset import pseudo_collate
 from tqdm import tqdm
 
-from utils.config.evaluators import evaluator_configs
+from utils.config.tree import evaluator_configs
 from utils.evaluation.coco_metric import encode_masks
 from utils.evaluation.drawings import draw_sample
 from utils.evaluation.evaluator import CocoEvaluator

@@ -20,8 +20,7 @@ from mmengine.config import Config
 
 from utils.base.errors import ExportError
 from utils.base.files import strip_module_prefix
-from utils.config.evaluators import evaluator_configs
-from utils.config.tree import base_dataset
+from utils.config.tree import base_dataset, evaluator_configs
 from utils.data.voc import VOC_METRIC
 
 MODEL_FILE = "model.pth"

@@ -24,7 +24,9 @@ import torch
 import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel
 
+from utils.base.errors import StageError
 from utils.evaluation.validation import RankValidation, combine
+from utils.training.diagnosis import explain_prediction
 from utils.training.session import TrainingSession
 
 # clip(params): clips the gradients of `params` before the optimizer steps.
@@ -114,7 +116,18 @@ class ValidationPass:
         self.rank.reset()
 
     def add(self, batch: Any) -> None:
-        self.rank.update(batch, self.session.predict)
+        self.rank.update(batch, self.predict)
+
+    def predict(self, batch: Any) -> list[Any]:
+        """The session's predictions; mmdet's bare errors explained where the cause is known."""
+        session = self.session
+        try:
+            return session.predict(batch)
+        except Exception as err:
+            known = explain_prediction(err, batch, session.detector, session.val_dataset)
+            if known is None:
+                raise
+            raise StageError(known) from err
 
     def share(self) -> bytes:
         # One pickled blob: an engine that gathers to every rank moves bytes the other ranks never

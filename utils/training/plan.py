@@ -23,6 +23,7 @@ from utils.config.build import apply_hparams, apply_overrides, load_config, scal
 from utils.config.schedule import Schedule, accumulation
 from utils.config.tree import base_dataset
 from utils.data.source import DataPlan, plan_data, prepare_source
+from utils.evaluation.metric_names import check_searcher
 from utils.experiment.load import training_length
 from utils.training.hooks import HookPlan, plan_hooks
 from utils.training.keys import check_run_keys
@@ -85,9 +86,8 @@ def plan_run(
     Reads the config files and nothing else (no data is generated, fetched or checked: see
     `prepare_data`). An unsupported hook or setting, a hyperparameter or data key the run does
     not read, or a data section that cannot work fails here, before anything is built."""
-    check_run_keys(hparams, data)
-    register_all_modules(init_default_scope=True)
     cfg, data_plan = resolve_config(hparams, data, world_size)
+    check_searcher(cfg, searcher or {}, refuse=False)  # logged: local runs read no metric
     hooks = plan_hooks(cfg)
     length = training_length(searcher or {})
     return RunPlan(cfg, hparams, hooks, world_size, hparams["global_batch_size"], length, data_plan)
@@ -125,13 +125,16 @@ def resolve_config(
     hparams: dict[str, Any], data: dict[str, Any], slots: int = 1
 ) -> tuple[Config, DataPlan]:
     """The trial's config (`config_file`, `merge_config` on top, hyperparameters, data,
-    overrides) and what its data needs on a host; reads nothing but the config files.
+    overrides) and what its data needs on a host; reads nothing but the config files. A
+    hyperparameter or data key the run does not read fails first.
 
     Args:
         hparams: the trial's hyperparameters (`config_file`, `global_batch_size`, `lr`, ...).
         data: the experiment's `data` section (`backend`, paths).
         slots: processes sharing the global batch (`resources.slots_per_trial`).
     """
+    check_run_keys(hparams, data)
+    register_all_modules(init_default_scope=True)
     cfg = load_config(hparams)
     apply_hparams(cfg, hparams)
     data_plan = plan_data(cfg, data)

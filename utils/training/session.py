@@ -157,8 +157,9 @@ class TrainingSession:
             rank=rank,
             skip=self.resumed_batches * (replicas if rank is None else 1),
         )
+        dataset = LoudDataset(self.train_dataset, "train_dataloader.dataset")
         return loader_class(
-            SeededDataset(LoudDataset(self.train_dataset), self.seed, self.pipelines),
+            SeededDataset(dataset, self.seed, self.pipelines),
             batch_sampler=sampler,
             **self._loader_options(loader_cfg),
         )
@@ -181,7 +182,7 @@ class TrainingSession:
         # None of the ranks may be left without a batch.
         batch_size = min(loader_cfg.get("batch_size", 1), -(-size // replicas))
         options = self._loader_options(loader_cfg)
-        dataset = LoudDataset(self.val_dataset)
+        dataset = LoudDataset(self.val_dataset, "val_dataloader.dataset")
         if rank is None:
             return loader_class(dataset, batch_size=batch_size, shuffle=False, **options)
         batches = list(BatchSampler(SequentialSampler(range(size)), batch_size, drop_last=False))

@@ -8,7 +8,8 @@ from mmengine.config import Config
 
 from utils.base.errors import ConfigError
 from utils.config.build import resolve_config_path
-from utils.data.source import DataError, drop_pretrained
+from utils.config.tree import drop_pretrained
+from utils.data.source import DataError
 from utils.experiment.load import load_experiment, local_hparams
 from utils.training.plan import build_config, plan_run
 

@@ -17,6 +17,7 @@ from mmdet.registry import DATASETS
 from mmdet.utils import register_all_modules
 
 from tests.conftest import disk_data, train
+from utils.base.errors import ConfigError
 from utils.data.annotations import AnnotationError
 from utils.data.sampling import ImageError, LoudDataset
 from utils.data.source import DataError
@@ -62,6 +63,23 @@ def test_zero_byte_image_names_the_file(coco: Path) -> None:
     first_image(coco).write_bytes(b"")
     with pytest.raises(ImageError, match=r"train/000000.png: cannot load it"):
         load_all(coco)
+
+
+def test_a_transform_that_fails_on_a_loaded_image_is_named_not_the_file(coco: Path) -> None:
+    """A YAML list where mmcv wants a tuple (`override_mmdet_config` gives lists): the Resize is
+    at fault, and the message says so instead of asking to replace a sound image."""
+    register_all_modules(init_default_scope=True)
+    cfg = build_config(CONFIG, disk_data(coco))
+    pipeline = cfg.train_dataloader.dataset.pipeline
+    (position,) = [i for i, step in enumerate(pipeline) if step.type == "Resize"]
+    pipeline[position].scale = [128, 128]
+    dataset = LoudDataset(DATASETS.build(cfg.train_dataloader.dataset), "train_dataloader.dataset")
+    wanted = (
+        rf"train_dataloader.dataset.pipeline.{position} \(Resize\) fails on \S+/train/000000.png "
+        r"\(TypeError: .*\). Check that transform's settings"
+    )
+    with pytest.raises(ConfigError, match=wanted):
+        dataset[0]
 
 
 def test_malformed_annotation_json(coco: Path) -> None:
