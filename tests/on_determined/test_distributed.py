@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import math
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -14,10 +15,21 @@ from tests.local_runs import DATA, TOY, losses, run
 pytestmark = pytest.mark.slow
 
 
-def test_two_ranks_share_the_global_batch_and_evaluate_each_image_once(
-    tmp_path: Path, synthetic_cache: Path
-) -> None:
-    records = run(tmp_path, synthetic_cache, 2, "--max-batches", "6")
+@pytest.fixture(scope="module")
+def two_ranks(tmp_path_factory: pytest.TempPathFactory, synthetic_cache: Path) -> Path:
+    """The output of one 2-rank run of 6 batches: the shares test reads it, the resume test
+    resumes its own 3-batch run to match it."""
+    output = tmp_path_factory.mktemp("two-ranks")
+    run(output, synthetic_cache, 2, "--max-batches", "6")
+    return output
+
+
+def records_of(output: Path) -> list[dict]:
+    return [json.loads(line) for line in (output / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_two_ranks_share_the_global_batch_and_evaluate_each_image_once(two_ranks: Path) -> None:
+    records = records_of(two_ranks)
     assert sorted(losses(records)) == list(range(1, 7))
     assert all(math.isfinite(loss) for loss in losses(records).values())
     (validation,) = [r["metrics"] for r in records if r["kind"] == "validation"]
@@ -29,7 +41,7 @@ def test_two_ranks_share_the_global_batch_and_evaluate_each_image_once(
         "bbox_best_F1", "bbox_best_F1_precision", "bbox_best_F1_recall", "bbox_best_F1_score_thr"
     ]  # fmt: skip
     assert len([k for k in validation if k.startswith("bbox_AP_per_class/")]) == 3
-    (checkpoint,) = (tmp_path / "determined").iterdir()
+    (checkpoint,) = (two_ranks / "determined").iterdir()
     assert (checkpoint / "state_dict.pth").is_file()
 
 
@@ -42,11 +54,13 @@ def test_two_local_runs_on_one_host_keep_apart(tmp_path: Path, synthetic_cache: 
             assert [r["batches"] for r in records if r["kind"] == "training"] == [1]
 
 
-@pytest.mark.parametrize("ranks", [1, 2])
-def test_resume_continues_exactly_on_ranks(
-    tmp_path: Path, synthetic_cache: Path, ranks: int
+def test_resume_continues_exactly_on_two_ranks(
+    tmp_path: Path, synthetic_cache: Path, two_ranks: Path
 ) -> None:
-    straight = run(tmp_path / "straight", synthetic_cache, ranks, "--max-batches", "6")
+    """One rank's exact resume is tests/on_determined/test_trial.py's (the same code path in
+    this process, across an epoch boundary)."""
+    ranks = 2
+    straight = records_of(two_ranks)
     run(tmp_path / "first", synthetic_cache, ranks, "--max-batches", "3")
     (checkpoint,) = (tmp_path / "first" / "determined").iterdir()
     resumed = run(

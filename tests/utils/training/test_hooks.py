@@ -214,8 +214,10 @@ def test_yolox_mode_switch_skips_transforms_in_workers_and_adds_the_l1_loss(
     training = {r["batches"]: r["metrics"] for r in records if r["kind"] == "training"}
     assert sorted(training) == list(range(1, 13))
     assert [b for b, metrics in training.items() if "loss_l1" in metrics] == list(range(5, 13))
-    # The first epoch's 16 samples ran the transform, the switched epochs' did not.
-    assert (tmp_path / "calls.txt").read_text().count("called") == TINY_SYNTHETIC["num_train"]
+    # The first epoch's 16 samples ran the transform, the switched epochs' did not; so did the
+    # start-up sanity pass's 2 training images (the first epoch's pipeline).
+    calls = (tmp_path / "calls.txt").read_text().count("called")
+    assert calls == TINY_SYNTHETIC["num_train"] + 2
 
 
 def sync_norms_on_rank(rank: int, port: int, out_dir: str) -> None:
