@@ -23,7 +23,7 @@ TRIAL_DRIVER = {"CPU": 0, "memory": 1024**3}
 
 def connect(address: str | None) -> None:
     """`ray.init`: the cluster at `address` (`auto`: the one `ray start` made on this host), or
-    a local Ray of this machine (no dashboard). A Ray already started in this process is kept."""
+    a local Ray of this machine. A Ray already started in this process is kept."""
     if ray.is_initialized():
         return
     options: dict[str, Any] = {"log_to_driver": True, "logging_level": "WARNING"}
@@ -43,7 +43,10 @@ def connect(address: str | None) -> None:
                 "HOST:6379), or leave --address out to start a local Ray."
             ) from err
         return
-    ray.init(include_dashboard=False, object_store_memory=LOCAL_OBJECT_STORE, **options)
+    # With its dashboard: Ray Train's placement-group cleaner asks the dashboard's state API
+    # whether a Tune trial's trainer is still alive, and without it the workers' resources of a
+    # trial that ASHA stops are never freed (the next multi-worker trial waits for good).
+    ray.init(include_dashboard=True, object_store_memory=LOCAL_OBJECT_STORE, **options)
 
 
 def reachable(address: str, timeout: float = 10.0) -> None:

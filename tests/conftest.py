@@ -93,6 +93,7 @@ def trained_maskrcnn(tmp_path_factory: pytest.TempPathFactory, synthetic_cache: 
 DEFAULT_THREADS = pytest.StashKey[int]()
 
 
+@pytest.hookimpl(tryfirst=True)  # before pytest-xdist's, which reads the groups
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     """Under pytest-xdist (`make test`: `-n 2 --dist loadgroup`) a module's tests run in one
     worker, so its module-scoped servers start once; the modules that start a Ray cluster share

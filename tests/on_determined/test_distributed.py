@@ -84,6 +84,26 @@ def final_weights(output: Path) -> dict[str, torch.Tensor]:
     return {k.removeprefix("module."): v for k, v in state["models_state_dict"][0].items()}
 
 
+def test_the_sanity_pass_leaves_no_trace_on_two_ranks(
+    tmp_path: Path, synthetic_cache: Path, two_ranks: Path
+) -> None:
+    """A 2-rank run without the start-up sanity pass: the same losses, metrics and weights, bit
+    for bit, as the shared run with it."""
+    run(
+        tmp_path,
+        synthetic_cache,
+        2,
+        "--max-batches",
+        "6",
+        "--set",
+        "hyperparameters.sanity_pass=false",
+    )
+    assert records_of(tmp_path) == records_of(two_ranks)
+    without, with_pass = final_weights(tmp_path), final_weights(two_ranks)
+    assert without.keys() == with_pass.keys()
+    assert all(torch.equal(without[name], with_pass[name]) for name in without)
+
+
 def test_two_ranks_of_two_train_like_one_rank_of_four(
     tmp_path: Path, synthetic_cache: Path
 ) -> None:

@@ -19,7 +19,7 @@ from tests.conftest import REPO, SGD_SETS
 from tests.faults import die_once
 from tests.local_runs import DATA, GFL, TOY, losses
 from tests.local_runs import run as determined_run
-from utils.base.errors import ExperimentError
+from utils.base.errors import ExperimentError, StageError
 
 ray = pytest.importorskip("ray")
 from on_ray import state  # noqa: E402
@@ -256,6 +256,41 @@ def test_a_worker_that_dies_is_restarted_from_the_last_checkpoint(
     w_resumed = ray_weights(result.checkpoint.path)
     for name in w_straight:
         torch.testing.assert_close(w_resumed[name], w_straight[name], rtol=0, atol=0, msg=name)
+
+
+def test_the_sanity_pass_leaves_no_trace_in_a_ray_run(
+    straight: tuple, tmp_path: Path, synthetic_cache: Path
+) -> None:
+    """The straight run without the start-up sanity pass: the same losses, metrics and weights,
+    bit for bit (its MLflow tracking aside)."""
+    output, result = straight
+    without = train(
+        DEMO,
+        [*overrides(synthetic_cache), "hyperparameters.sanity_pass=false"],
+        workers=2,
+        output=tmp_path,
+        max_batches=BATCHES,
+        report_every=1,
+    )
+    assert records(tmp_path) == records(output)
+    w_without, w_with = ray_weights(without.checkpoint.path), ray_weights(result.checkpoint.path)
+    assert w_without.keys() == w_with.keys()
+    assert all(torch.equal(w_without[name], w_with[name]) for name in w_without)
+
+
+def test_a_val_pipeline_without_resize_stops_a_ray_run_before_training(
+    local_ray: None, tmp_path: Path, synthetic_cache: Path
+) -> None:
+    load = [{"type": "LoadImageFromFile"}, {"type": "LoadAnnotations", "with_bbox": True}]
+    pipeline = json.dumps({"val_dataloader.dataset.pipeline": [*load, {"type": "PackDetInputs"}]})
+    sets = [*overrides(synthetic_cache, mmdet=pipeline[1:-1]), "max_restarts=0"]
+    with pytest.raises(StageError) as error:
+        train(DEMO, sets, workers=2, output=tmp_path, max_batches=BATCHES, report_every=1)
+    message = str(error.value)
+    assert message.startswith("Start-up sanity pass, validation: "), message
+    assert "val_dataloader.dataset.pipeline has no Resize" in message and "\n" not in message
+    written = records(tmp_path) if (tmp_path / "metrics.jsonl").is_file() else []
+    assert [r for r in written if r["kind"] == "training"] == []  # stopped before its first batch
 
 
 def search_overrides(cache: Path) -> list[str]:
