@@ -25,7 +25,7 @@ from utils.config.build import unfollowed_intervals
 from utils.config.schedule import by_epoch, config_length
 from utils.config.tree import base_dataset, evaluator_configs
 from utils.evaluation.metric_names import searcher_findings
-from utils.evaluation.preflight import evaluation_problems
+from utils.evaluation.preflight import as_list, evaluation_problems
 from utils.experiment.load import local_hparams
 from utils.experiment.rules import hyperparameters_problems, submission_problems
 from utils.training.hooks import yolox_switch_epoch
@@ -103,7 +103,7 @@ def check_experiment(
     summary = [
         f"model: {cfg.model.type}, {parameters:.1f} M parameters",
         classes_line(plan, data, report),
-        f"metrics: {', '.join(str(m) for e in evaluators for m in _as_list(e.get('metric')))}",
+        f"metrics: {', '.join(str(m) for e in evaluators for m in as_list(e.get('metric')))}",
         f"batch: {global_batch} = {slots} slots x {cfg.train_dataloader.batch_size} per slot",
         length_line(plan, report),
         data_line(plan, data, report),
@@ -216,7 +216,3 @@ def _names(classes: tuple[str, ...]) -> str:
 
 def _is_searched(spec: Any) -> bool:
     return isinstance(spec, dict) and spec.get("type") not in (None, "const")
-
-
-def _as_list(value: Any) -> list[Any]:
-    return list(value) if isinstance(value, list | tuple) else [value]

@@ -28,7 +28,7 @@ from utils.config.tree import base_dataset, evaluator_configs
 from utils.data.voc import VOC_METRIC
 from utils.evaluation.coco_metric import CLASSWISE_MAX_CLASSES, STAT_NAMES, f1_metrics
 from utils.evaluation.evaluator import COCO_ITEMS, flatten_metrics
-from utils.evaluation.preflight import COCO_METRIC_TYPES, predicts_masks
+from utils.evaluation.preflight import COCO_METRIC_TYPES, as_list, predicts_masks
 
 logger = logging.getLogger(__name__)
 
@@ -88,9 +88,9 @@ def coco_names(
     items = [items] if isinstance(items, str) else items
     classwise = metric_cfg.get("classwise")
     names, patterns = set(), set()
-    for metric in _as_list(metric_cfg.get("metric", "bbox")):
+    for metric in as_list(metric_cfg.get("metric", "bbox")):
         if metric == "proposal_fast":
-            counts = _as_list(metric_cfg.get("proposal_nums", PROPOSAL_NUMS))
+            counts = as_list(metric_cfg.get("proposal_nums", PROPOSAL_NUMS))
             names |= {f"AR@{count}" for count in counts}
         elif metric == "proposal":
             names |= set(items or STAT_NAMES[6:])
@@ -108,7 +108,7 @@ def coco_names(
 def voc_names(metric_cfg: Any, prefixed: bool) -> set[str]:
     """mmdet's VOCMetric's mAP and AP per IoU threshold; `voc_mAP`, ... when prefixed
     (`utils.data.voc.register_voc_metric`)."""
-    names = {"mAP"} | {f"AP{int(t * 100):02d}" for t in _as_list(metric_cfg.get("iou_thrs", 0.5))}
+    names = {"mAP"} | {f"AP{int(t * 100):02d}" for t in as_list(metric_cfg.get("iou_thrs", 0.5))}
     if not prefixed:
         return names
     prefix = metric_cfg.get("prefix") or "pascal_voc"  # VOCMetric's default prefix
@@ -184,12 +184,3 @@ def check_searcher(
         raise ConfigError(" ".join(problems))
     for message in [*problems, *warnings]:
         logger.warning(message)
-
-
-def _as_list(value: Any) -> list[Any]:
-    if isinstance(value, list | tuple):
-        return list(value)
-    if hasattr(value, "tolist"):  # a numpy array in a Python config
-        listed = value.tolist()
-        return listed if isinstance(listed, list) else [listed]
-    return [value]

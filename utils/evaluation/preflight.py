@@ -53,7 +53,7 @@ def evaluation_problems(cfg: Config, model: Any) -> list[str]:
     problems = []
     for index, metric_cfg in enumerate(evaluator_configs(evaluator)):
         key = f"val_evaluator.{index}" if several else "val_evaluator"
-        metrics = _as_list(metric_cfg.get("metric", "bbox"))
+        metrics = as_list(metric_cfg.get("metric", "bbox"))
         if "segm" in metrics and predicts_masks(model) is False:
             rest = [m for m in metrics if m != "segm"] or ["bbox"]
             value = rest[0] if len(rest) == 1 else f"[{', '.join(rest)}]"
@@ -78,7 +78,7 @@ def coco_setting_problems(key: str, metric_cfg: Any, metrics: list[Any]) -> list
             f"{key}.metric: {unknown} are not CocoMetric metrics; use {', '.join(COCO_METRICS)}."
         )
     items = metric_cfg.get("metric_items")
-    items = list(STAT_NAMES) if items is None else _as_list(items)
+    items = list(STAT_NAMES) if items is None else as_list(items)
     unknown = [item for item in items if item not in STAT_NAMES]
     if unknown:
         problems.append(
@@ -89,7 +89,7 @@ def coco_setting_problems(key: str, metric_cfg: Any, metrics: list[Any]) -> list
         return problems  # proposal_fast is mmdet's own recall, without the COCO engine
     thresholds = metric_cfg.get("iou_thrs")
     if thresholds is not None:
-        values = _as_list(thresholds)
+        values = as_list(thresholds)
         if not values or not all(_is_number(t) and 0 < t <= 1 for t in values):
             problems.append(
                 f"{key}.iou_thrs is {thresholds!r}: give IoU thresholds between 0 and 1, or "
@@ -106,7 +106,7 @@ def coco_setting_problems(key: str, metric_cfg: Any, metrics: list[Any]) -> list
                 )
     counts = metric_cfg.get("proposal_nums")
     if counts is not None:
-        values = _as_list(counts)
+        values = as_list(counts)
         if len(values) < 3 or not all(_is_number(n) and n >= 1 for n in values):
             problems.append(
                 f"{key}.proposal_nums is {counts!r}: the COCO engine needs three or more "
@@ -127,7 +127,8 @@ def raise_problems(problems: list[str], error: type[Exception]) -> None:
         raise error(" ".join(problems))
 
 
-def _as_list(value: Any) -> list[Any]:
+def as_list(value: Any) -> list[Any]:
+    """A config value that may be one item, a list or tuple, or a numpy array, as a list."""
     if isinstance(value, list | tuple):
         return list(value)
     if hasattr(value, "tolist"):  # a numpy array in a Python config

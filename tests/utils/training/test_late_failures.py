@@ -256,7 +256,10 @@ def test_init_messages_stay_off_the_console_unless_asked(monkeypatch: pytest.Mon
     records: list[logging.LogRecord] = []
     handler = logging.Handler()
     handler.emit = records.append
-    mm_logger = MMLogger.get_current_instance()
+    # mmengine's current logger is the one this process made last; one with a file handler (a
+    # Runner's, from another test) takes the init messages into its file instead: a fresh one.
+    mm_logger = MMLogger.get_instance("init-messages-test", log_level="INFO")
+    assert MMLogger.get_current_instance() is mm_logger
     level = mm_logger.level
     mm_logger.addHandler(handler)
     try:
