@@ -49,6 +49,26 @@ def train_loop(config: dict[str, Any]) -> None:
         run_worker(config["spec"], rank, world_size, Path(folder), report)
 
 
+def torch_trainer(
+    spec: WorkerSpec,
+    workers: int,
+    use_gpu: bool,
+    resources_per_worker: dict[str, float] | None,
+    run_config: RunConfig,
+) -> TorchTrainer:
+    """Ray Train's trainer of `workers` running `train_loop` on `spec` (gloo on CPUs, NCCL on
+    GPUs): a Train run's, or a Tune trial's own."""
+    return TorchTrainer(
+        train_loop,
+        train_loop_config={"spec": spec},
+        torch_config=TorchConfig(backend="nccl" if use_gpu else "gloo"),
+        scaling_config=ScalingConfig(
+            num_workers=workers, use_gpu=use_gpu, resources_per_worker=resources_per_worker
+        ),
+        run_config=run_config,
+    )
+
+
 def prepare(
     experiment_file: str, overrides: list[str], workers: int | None, resume: str | None
 ) -> tuple[dict[str, Any], RunPlan]:
@@ -108,16 +128,12 @@ def train(
         cwd=os.getcwd(),
     )
     env = experiment.environment_variables(exp, use_gpu)
-    trainer = TorchTrainer(
-        train_loop,
-        train_loop_config={"spec": spec},
-        torch_config=TorchConfig(backend="nccl" if use_gpu else "gloo"),
-        scaling_config=ScalingConfig(
-            num_workers=count,
-            use_gpu=use_gpu,
-            resources_per_worker=cluster.worker_resources(count, use_gpu),
-        ),
-        run_config=RunConfig(
+    trainer = torch_trainer(
+        spec,
+        count,
+        use_gpu,
+        cluster.worker_resources(count, use_gpu),
+        RunConfig(
             name=name,
             storage_path=storage or str(output / "ray"),
             failure_config=FailureConfig(max_failures=int(exp.get("max_restarts", 5))),

@@ -20,14 +20,12 @@ import ray.tune
 from ray import tune
 from ray.train import FailureConfig as TrainFailureConfig
 from ray.train import RunConfig as TrainRunConfig
-from ray.train import ScalingConfig
-from ray.train.torch import TorchConfig, TorchTrainer
 from ray.tune.integration.ray_train import CHECKPOINT_PATH_KEY, TuneReportCallback
 
 from on_ray import cluster
 from on_ray.space import Search, plan_search, search_space, trial_count
 from on_ray.spec import WorkerSpec
-from on_ray.train import train_loop
+from on_ray.train import torch_trainer
 from on_ray.worker import run_worker
 from utils.base.errors import ConfigError
 from utils.evaluation.metric_names import searcher_findings
@@ -100,16 +98,12 @@ def train_trial(spec: WorkerSpec, workers: int, use_gpu: bool, trainer: TrialTra
     reserve their resources; `TuneReportCallback` hands rank 0's reports to Tune, with the path
     of their checkpoint (`best_checkpoint`)."""
     trial_folder = Path(ray.tune.get_context().get_trial_dir()).name
-    TorchTrainer(
-        train_loop,
-        train_loop_config={"spec": spec},
-        torch_config=TorchConfig(backend="nccl" if use_gpu else "gloo"),
-        scaling_config=ScalingConfig(
-            num_workers=workers,
-            use_gpu=use_gpu,
-            resources_per_worker=trainer.resources_per_worker,
-        ),
-        run_config=TrainRunConfig(
+    torch_trainer(
+        spec,
+        workers,
+        use_gpu,
+        trainer.resources_per_worker,
+        TrainRunConfig(
             # The same folder when Tune restarts the trial: Ray Train then resumes its run.
             name="train",
             storage_path=f"{trainer.storage.rstrip('/')}/{trial_folder}",
