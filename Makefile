@@ -19,7 +19,7 @@ demo: setup
 # that start a Ray cluster share one (tests/conftest.py). TEST_WORKERS=0 runs them in this process.
 TEST_WORKERS ?= 2
 test: setup
-	$(PY) -m pytest -n $(TEST_WORKERS) --dist loadgroup tests
+	$(PY) -m pytest -n $(TEST_WORKERS) --dist loadgroup --durations=30 tests
 
 lint: setup
 	$(VENV)/bin/ruff check . && $(VENV)/bin/ruff format --check .

@@ -22,10 +22,10 @@ from determined import pytorch
 
 from on_determined.callbacks import build_callbacks
 from utils.base.files import allow_numpy_globals
-from utils.evaluation.metric_names import check_searcher
 from utils.evaluation.validation import failure_keeping_loader
+from utils.training.loaders import train_loader, val_loader
 from utils.training.loop import ValidationPass, train_step
-from utils.training.plan import RunPlan, config_seed, plan_run
+from utils.training.plan import RunPlan, plan_run
 from utils.training.sanity import run_sanity_pass
 from utils.training.session import TrainingSession
 
@@ -78,18 +78,16 @@ def plan_trial(context: pytorch.PyTorchTrialContext) -> RunPlan:
         context.get_data_config(),
         world_size=context.distributed.get_size(),
         searcher=searcher,
+        # The cluster's searcher reads `searcher.metric` from every validation: a name the run
+        # never reports would fail the trial at its first validation, a validation period later.
+        refuse_searcher=True,
     )
-    # The cluster's searcher reads `searcher.metric` from every validation: a name the run never
-    # reports would fail the trial at its first validation, a validation period later.
-    check_searcher(plan.cfg, searcher)
     return plan
 
 
-def trial_seed(plan: RunPlan, context: pytorch.PyTorchTrialContext) -> int:
-    """The config's `randomness.seed`, else Determined's trial seed, else 0 (local runs)."""
-    seed = config_seed(plan.cfg)
-    if seed is not None:
-        return seed
+def trial_seed(context: pytorch.PyTorchTrialContext) -> int:
+    """Determined's trial seed, or 0 in a local run (the config's `randomness.seed` wins over
+    both: the session applies it)."""
     try:
         return context.get_trial_seed()
     except det.errors.InternalException:
@@ -119,10 +117,11 @@ class MMDetTrial(pytorch.PyTorchTrial):
         self.context = context
         # `plan`: a local run's, made once before Determined's context (it needed the plan's
         # accumulation); on a cluster Determined builds the trial, which plans from its context.
+        seed = trial_seed(context)
         plan = plan if plan is not None else plan_trial(context)
         self.session = session = TrainingSession(
             plan,
-            seed=trial_seed(plan, context),
+            seed=seed,
             rank=context.distributed.rank,
             device=context.device,
             resumed_batches=resumed_batches,
@@ -153,10 +152,10 @@ class MMDetTrial(pytorch.PyTorchTrial):
 
     def build_training_data_loader(self) -> pytorch.DataLoader:
         # Determined deals each global batch's slices to the ranks round-robin.
-        return self.session.train_loader(pytorch.DataLoader, rank=None)
+        return train_loader(self.session, pytorch.DataLoader, rank=None)
 
     def build_validation_data_loader(self) -> pytorch.DataLoader:
-        return self.session.val_loader(failure_keeping_loader(pytorch.DataLoader), rank=None)
+        return val_loader(self.session, failure_keeping_loader(pytorch.DataLoader), rank=None)
 
     def train_batch(self, batch: Any, epoch_idx: int, batch_idx: int) -> dict[str, Any]:
         return train_step(self.session, batch, self.steps)

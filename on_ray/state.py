@@ -12,6 +12,8 @@ from __future__ import annotations
 
 import json
 import random
+import tempfile
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -20,11 +22,38 @@ import torch
 
 from utils.base.errors import ExperimentError
 from utils.base.files import safe_load
+from utils.training.outputs import RunOutputs
 from utils.training.session import TrainingSession
 
 STATE_FILE = "training_state.pth"
 METADATA_FILE = "metadata.json"
 RNG_DIR = "rng"
+# report(metrics, checkpoint folder or None): Ray's train or tune report, called on every rank.
+Report = Callable[[dict[str, Any], "Path | None"], None]
+
+
+def checkpoint(
+    session: TrainingSession,
+    rank: int,
+    metrics: dict[str, Any],
+    report: Report,
+    outputs: RunOutputs | None,
+    experiment: dict[str, Any],
+) -> None:
+    """Write this rank's part of the checkpoint and hand it to Ray with the metrics."""
+    with tempfile.TemporaryDirectory(prefix="mmdet-ray-") as folder:
+        folder = Path(folder)
+        write_rank_state(folder, rank, session.device)
+        if outputs is not None:
+            write_chief_state(folder, session, experiment)
+            outputs.checkpoint(folder)
+        batches = session.batches_trained
+        reported = {
+            **metrics,
+            "batches": batches,
+            "epochs": batches / session.schedule.epoch_length,
+        }
+        report(reported, folder)
 
 
 def write_chief_state(folder: Path, session: TrainingSession, experiment: dict[str, Any]) -> None:

@@ -10,8 +10,6 @@ Determined reports them.
 from __future__ import annotations
 
 import os
-import tempfile
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -22,8 +20,10 @@ from torch.utils.data import DataLoader
 from on_ray import state
 from on_ray.chief import chief_outputs, close_tensorboard, resume_run_id, run_status
 from on_ray.spec import WorkerSpec
+from on_ray.state import Report
 from utils.base.files import allow_numpy_globals
 from utils.evaluation.validation import VALIDATION_FAILURE, failure_keeping_loader
+from utils.training.loaders import train_loader, val_loader
 from utils.training.loop import (
     TorchCollectives,
     TorchSteps,
@@ -32,12 +32,8 @@ from utils.training.loop import (
     validate,
 )
 from utils.training.outputs import RunOutputs
-from utils.training.plan import config_seed
 from utils.training.sanity import run_sanity_pass
 from utils.training.session import TrainingSession
-
-# report(metrics, checkpoint folder or None): Ray's train or tune report, called on every rank.
-Report = Callable[[dict[str, Any], "Path | None"], None]
 
 
 def run_worker(
@@ -56,9 +52,7 @@ def run_worker(
     resumed = state.batches_of(start) if start else 0
     cuda = torch.cuda.is_available()
     device = torch.device(f"cuda:{torch.cuda.current_device()}" if cuda else "cpu")
-    session = TrainingSession(
-        plan, seed=config_seed(plan.cfg) or 0, rank=rank, device=device, resumed_batches=resumed
-    )
+    session = TrainingSession(plan, rank=rank, device=device, resumed_batches=resumed)
     # Every rank, on the bare detector before DDP wraps it, before the chief's MLflow run.
     run_sanity_pass(session)
     if world_size > 1:
@@ -94,7 +88,7 @@ def train(
     validation = ValidationPass(session)
     period = session.schedule.validation_period
     window: list[dict[str, Any]] = []
-    loader = session.train_loader(rank=rank)
+    loader = train_loader(session, rank=rank)
     while session.batches_trained < total:
         for batch in loader:
             if spec.batch_hook is not None:
@@ -108,10 +102,10 @@ def train(
                 if outputs is not None and records is not None:
                     outputs.training(average([r for share in records for r in share]))
             if due:
-                val_batches = session.val_loader(failure_keeping_loader(DataLoader), rank=rank)
+                val_batches = val_loader(session, failure_keeping_loader(DataLoader), rank=rank)
                 after = outputs.validation if outputs is not None else None
                 metrics = validate(validation, val_batches, collectives, before_end=after)
-                checkpoint(session, rank, metrics, report, outputs, spec.experiment)
+                state.checkpoint(session, rank, metrics, report, outputs, spec.experiment)
                 if VALIDATION_FAILURE in metrics:
                     return  # the driver says what failed and where the weights are
             if batches >= total:
@@ -126,27 +120,3 @@ def average(records: list[dict[str, Any]]) -> dict[str, float]:
         for key in keys
         if (values := [r[key] for r in records if r.get(key) is not None])
     }
-
-
-def checkpoint(
-    session: TrainingSession,
-    rank: int,
-    metrics: dict[str, Any],
-    report: Report,
-    outputs: RunOutputs | None,
-    experiment: dict[str, Any],
-) -> None:
-    """Write this rank's part of the checkpoint and hand it to Ray with the metrics."""
-    with tempfile.TemporaryDirectory(prefix="mmdet-ray-") as folder:
-        folder = Path(folder)
-        state.write_rank_state(folder, rank, session.device)
-        if outputs is not None:
-            state.write_chief_state(folder, session, experiment)
-            outputs.checkpoint(folder)
-        batches = session.batches_trained
-        reported = {
-            **metrics,
-            "batches": batches,
-            "epochs": batches / session.schedule.epoch_length,
-        }
-        report(reported, folder)

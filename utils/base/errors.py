@@ -66,3 +66,9 @@ USER_ERRORS = (
     StageError,
     TrainingStopped,
 )
+
+
+def raise_problems(problems: list[str], error: type[Exception]) -> None:
+    """Raise `error` with every problem found (each names its key and what to do), if any."""
+    if problems:
+        raise error(" ".join(problems))

@@ -21,8 +21,7 @@ from mmdet.registry import MODELS
 from utils.base.errors import USER_ERRORS, TrackingError
 from utils.check.data import UNCHECKED, DataReport, EngineRules, locate_data, read_data
 from utils.check.hparams import hparam_problems
-from utils.config.build import unfollowed_intervals
-from utils.config.schedule import by_epoch, config_length
+from utils.config.schedule import by_epoch, config_length, unfollowed_intervals
 from utils.config.tree import base_dataset, evaluator_configs
 from utils.evaluation.metric_names import searcher_findings
 from utils.evaluation.preflight import as_list, evaluation_problems
@@ -32,7 +31,8 @@ from utils.training.hooks import yolox_switch_epoch
 from utils.training.keys import data_key_problems, hyperparameter_key_problems, known_part
 from utils.training.plan import RunPlan, plan_run, prepare_data
 from utils.training.sanity import sanity_problems
-from utils.training.tracking_settings import mlflow_settings, redact
+from utils.training.tracking import redact
+from utils.training.tracking_settings import mlflow_settings
 
 SEARCHER_KEYS = ("max_trials", "max_concurrent_trials", "time_metric", "max_time", "max_rungs")
 # A check without an engine's rules: every file is in the container, nothing is mounted.

@@ -19,7 +19,7 @@ from mmengine.config.config import BASE_KEY
 from mmengine.utils import import_modules_from_strings
 
 from utils.base.errors import ConfigError
-from utils.config.schedule import accumulation, by_epoch
+from utils.config.schedule import accumulation
 
 logger = logging.getLogger(__name__)
 REPO_ROOT = Path(__file__).resolve().parents[2]
@@ -248,18 +248,3 @@ def apply_overrides(cfg: Config, overrides: dict[str, Any]) -> None:
             parent, node = node, node[int(part) if isinstance(node, list) else part]
         leaf = int(parts[-1]) if isinstance(parent, list) else parts[-1]
         parent[leaf] = ConfigDict(value) if isinstance(value, dict) else value
-
-
-def unfollowed_intervals(cfg: Config) -> str | None:
-    """What to tell a user whose `train_cfg.dynamic_intervals` the fixed validation period
-    (Determined's `validation_period`, from `val_interval`) cannot follow; None if nothing."""
-    train_cfg = cfg.get("train_cfg") or {}
-    intervals = train_cfg.get("dynamic_intervals")
-    if not intervals:
-        return None
-    unit = "epochs" if by_epoch(cfg) else "batches"
-    return (
-        f"train_cfg.dynamic_intervals {list(intervals)} is not followed: validation runs every "
-        f"{train_cfg.get('val_interval', 1)} {unit} (train_cfg.val_interval) throughout; lower "
-        "val_interval to validate more often."
-    )

@@ -83,3 +83,18 @@ class Schedule:
     def epoch_of(self, batch_index: int) -> int:
         """The epoch (from 0) of the batch `batch_index` (from 0)."""
         return batch_index // self.epoch_length
+
+
+def unfollowed_intervals(cfg: Any) -> str | None:
+    """What to tell a user whose `train_cfg.dynamic_intervals` the fixed validation period
+    (Determined's `validation_period`, from `val_interval`) cannot follow; None if nothing."""
+    train_cfg = cfg.get("train_cfg") or {}
+    intervals = train_cfg.get("dynamic_intervals")
+    if not intervals:
+        return None
+    unit = "epochs" if by_epoch(cfg) else "batches"
+    return (
+        f"train_cfg.dynamic_intervals {list(intervals)} is not followed: validation runs every "
+        f"{train_cfg.get('val_interval', 1)} {unit} (train_cfg.val_interval) throughout; lower "
+        "val_interval to validate more often."
+    )

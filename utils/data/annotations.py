@@ -21,7 +21,7 @@ from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from utils.base.errors import AnnotationError
+from utils.base.errors import AnnotationError, DataError
 from utils.base.files import CACHE_ROOT
 
 logger = logging.getLogger(__name__)
@@ -38,6 +38,23 @@ class AnnotationReport:
     annotations: int
     skipped: list[int] = field(default_factory=list)  # annotation ids of empty/outside boxes
     from_cache: bool = False  # checked before on this host (same content, same check)
+
+    def classes_to_train(self, classes: list[str] | None) -> list[str]:
+        """The class names to train: `classes` (`data.classes`), else the file's categories by id.
+
+        mmdet maps names to category ids through the annotation file, so ids need not be
+        contiguous; a named class missing from the file would silently get no boxes, hence the
+        error.
+        """
+        if not classes:
+            return self.categories
+        missing = [name for name in classes if name not in self.categories]
+        if missing:
+            raise DataError(
+                f"data.classes names {missing} that {self.path} does not have; its categories "
+                f"are {self.categories[:10]}{' ...' if len(self.categories) > 10 else ''}."
+            )
+        return list(classes)
 
 
 def check_coco_file(path: Path) -> AnnotationReport:

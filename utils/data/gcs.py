@@ -12,15 +12,12 @@ from __future__ import annotations
 import contextlib
 import fcntl
 import logging
-import os
 import posixpath
-import tempfile
 from collections import OrderedDict
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from google.cloud import storage
 from mmengine.fileio import BaseStorageBackend, LocalBackend, register_backend
 
 from utils.base.files import CACHE_ROOT
@@ -31,7 +28,7 @@ from utils.data.gcs_client import (
     GCSNotFoundError,
     GCSPermissionError,
     RetryPolicy,
-    call_with_retries,
+    download_object,
     get_client,
     read_object,
     reset_stats,
@@ -61,37 +58,6 @@ LOCK_NAME = ".gcs-download.lock"
 DEFAULT_CACHE = CACHE_ROOT / "gcs"
 
 
-def _is_current(target: Path, blob: storage.Blob) -> bool:
-    """Whether `target` holds this version of `blob`: same size, mtime set to its update time."""
-    try:
-        st = target.stat()
-    except FileNotFoundError:
-        return False
-    same_time = blob.updated is None or int(st.st_mtime) == int(blob.updated.timestamp())
-    return st.st_size == blob.size and same_time
-
-
-def _download(blob: storage.Blob, target: Path, timeout: float) -> None:
-    """Write `blob` to `target` atomically: readers see the old file or the whole new one."""
-    # The URL from the client's endpoint (not the metadata's mediaLink), pinned to the generation
-    # whose size we compare with.
-    pinned = blob.bucket.blob(blob.name, generation=blob.generation)
-    fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.")
-    try:
-        with os.fdopen(fd, "wb") as file:
-            pinned.download_to_file(file, timeout=timeout, retry=None)
-        if os.path.getsize(tmp) != blob.size:
-            raise ConnectionError(f"short read: {os.path.getsize(tmp)} of {blob.size} bytes")
-        os.chmod(tmp, 0o644)  # mkstemp makes it private; the cache may be shared
-        if blob.updated is not None:
-            os.utime(tmp, (blob.updated.timestamp(),) * 2)
-        os.replace(tmp, target)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
-        raise
-
-
 def cached_path(cache_dir: Path, bucket: str, name: str) -> Path:
     """Where `download_annotations` keeps object `name` of `bucket`: known before it downloads."""
     if name.startswith("/") or ".." in Path(name).parts:
@@ -117,16 +83,7 @@ def download_annotations(
         fcntl.flock(lock, fcntl.LOCK_EX)
         for name in blob_names:
             target = cached_path(cache_dir, bucket, name)
-            blob = get_client().bucket(bucket).blob(name)
-            call_with_retries(
-                lambda b=blob: b.reload(timeout=policy.timeout, retry=None), bucket, name, policy
-            )
-            if not _is_current(target, blob):
-                target.parent.mkdir(parents=True, exist_ok=True)
-                call_with_retries(
-                    lambda b=blob, t=target: _download(b, t, policy.timeout), bucket, name, policy
-                )
-                stats().files_downloaded += 1
+            if download_object(bucket, name, target, policy):
                 logger.info("Downloaded %s%s/%s to %s.", SCHEME, bucket, name, target)
             paths.append(target)
     return paths
@@ -190,7 +147,7 @@ class GCSBackend(BaseStorageBackend):
 def register_gcs_backend(worker_id: int | None = None) -> None:
     """Register `GCSBackend` with MMEngine's file backends as `gcs` and for `gs://`; idempotent.
 
-    Called where a run's gs:// data is prepared (`utils.data.source.prepare_source`, in every
+    Called where a run's gs:// data is prepared (`utils.data.prepare.prepare_source`, in every
     process that builds datasets: a plan shipped to another process carries no registration). A
     data-loader worker started by fork inherits the registration; one started by spawn or
     forkserver (a config's `env_cfg.mp_cfg.mp_start_method`) must register again: pass this

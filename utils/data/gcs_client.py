@@ -1,4 +1,5 @@
-"""Reading Cloud Storage objects: this process's client, retries, errors and counters.
+"""Reading Cloud Storage objects, into memory or into a local file kept current: this process's
+client, retries, errors and counters.
 
 Transient failures (429, 5xx, resets, timeouts) are retried with exponential backoff; a missing
 object or bucket and refused credentials raise at once, each with its own `GCSError` subclass
@@ -12,9 +13,11 @@ import http.client
 import logging
 import os
 import random
+import tempfile
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 from typing import TypeVar
 
 import google.auth
@@ -208,3 +211,46 @@ def read_object(bucket: str, name: str, policy: RetryPolicy | None = None) -> by
     counters.objects_read += 1
     counters.bytes_read += len(data)
     return data
+
+
+def _is_current(target: Path, blob: storage.Blob) -> bool:
+    """Whether `target` holds this version of `blob`: same size, mtime set to its update time."""
+    try:
+        st = target.stat()
+    except FileNotFoundError:
+        return False
+    same_time = blob.updated is None or int(st.st_mtime) == int(blob.updated.timestamp())
+    return st.st_size == blob.size and same_time
+
+
+def _download(blob: storage.Blob, target: Path, timeout: float) -> None:
+    """Write `blob` to `target` atomically: readers see the old file or the whole new one."""
+    # The URL from the client's endpoint (not the metadata's mediaLink), pinned to the generation
+    # whose size we compare with.
+    pinned = blob.bucket.blob(blob.name, generation=blob.generation)
+    fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.")
+    try:
+        with os.fdopen(fd, "wb") as file:
+            pinned.download_to_file(file, timeout=timeout, retry=None)
+        if os.path.getsize(tmp) != blob.size:
+            raise ConnectionError(f"short read: {os.path.getsize(tmp)} of {blob.size} bytes")
+        os.chmod(tmp, 0o644)  # mkstemp makes it private; the cache may be shared
+        if blob.updated is not None:
+            os.utime(tmp, (blob.updated.timestamp(),) * 2)
+        os.replace(tmp, target)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+        raise
+
+
+def download_object(bucket: str, name: str, target: Path, policy: RetryPolicy) -> bool:
+    """Make `target` a copy of gs://bucket/name, with retries; False when it already was one."""
+    blob = get_client().bucket(bucket).blob(name)
+    call_with_retries(lambda: blob.reload(timeout=policy.timeout, retry=None), bucket, name, policy)
+    if _is_current(target, blob):
+        return False
+    target.parent.mkdir(parents=True, exist_ok=True)
+    call_with_retries(lambda: _download(blob, target, policy.timeout), bucket, name, policy)
+    stats().files_downloaded += 1
+    return True

@@ -6,15 +6,12 @@ other processes and hosts):
 - `plan_data` points the config's train/val datasets and evaluator at the data the experiment's
   `data` section names, with the classes it names, and fails with the key to fix when the
   section is wrong; it returns a `DataPlan`: what the data needs on a host.
-- `prepare_source` makes that true on this host: generates the synthetic set, fetches the GCS
-  annotation files, checks the paths and annotation files, and gives the config the annotation
-  file's classes when the section names none. The per-host caches and file locks of
-  `synthetic`, `gcs` and `annotations` make it cheap to repeat, from every rank of a host.
+- `utils.data.prepare.prepare_source` makes that true on this host (the only step that reads,
+  writes or fetches data).
 """
 
 from __future__ import annotations
 
-import copy
 import logging
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -24,10 +21,9 @@ from mmengine.config import Config
 
 from utils.base.errors import DataError
 from utils.base.files import CACHE_ROOT
-from utils.config.tree import SPLITS, point_at_coco, set_classes
+from utils.config.tree import SPLITS, point_at_coco
 from utils.data import synthetic
-from utils.data.annotations import AnnotationReport, check_coco_file
-from utils.data.voc import VOC_SPLIT_DEFAULTS, apply_voc_section, check_voc_folders
+from utils.data.voc import VOC_SPLIT_DEFAULTS, apply_voc_section
 
 logger = logging.getLogger(__name__)
 
@@ -94,7 +90,7 @@ def plan_data(cfg: Config, data: dict[str, Any]) -> DataPlan:
     if data_format == "voc" and backend != "synthetic":
         if backend != "disk":
             raise DataError(f"data.format voc reads from data.backend disk, not {backend!r}.")
-        apply_voc_section(cfg, data, verify_paths=False)  # the folders: prepare_source's
+        apply_voc_section(cfg, data)  # the folders are prepare_source's to check
         years = data.get("years", [2007])  # valid: apply_voc_section checked them
         return DataPlan(
             backend,
@@ -155,7 +151,7 @@ def plan_data(cfg: Config, data: dict[str, Any]) -> DataPlan:
         ann_files,
         {split: layout[f"{split}_img_prefix"] for split in SPLITS},
         classes=plan.classes,
-        palette=palette(plan),
+        palette=synthetic.palette(plan.backend, plan.classes),
         # Each process keeps up to this many bytes of images in memory: later epochs re-read
         # them without network traffic.
         image_backend_args=dict(backend="gcs", cache_bytes=int(cache_bytes))
@@ -168,76 +164,3 @@ def plan_data(cfg: Config, data: dict[str, Any]) -> DataPlan:
     if dropped:
         logger.warning("data.backend=synthetic: the model's pretrained weights are not loaded.")
     return plan
-
-
-def prepare_source(cfg: Config, plan: DataPlan) -> Config:
-    """Make the planned data readable on this host and check it; returns the config to build
-    from: `cfg` itself, or a copy with the annotation file's classes when the section names none.
-
-    Generates the synthetic set, fetches the GCS annotation files (and registers the gs:// file
-    backend in this process), checks that the paths exist and the annotation files are sound
-    (`check_coco_file`) and that named classes are in them. Safe and cheap to repeat from every
-    rank of a host: each step keeps its outcome in a per-host cache, behind a file lock.
-    """
-    ann_files = {split: Path(path) for split, path in plan.ann_files.items()}
-    for split, img_dir in plan.img_dirs.items():  # COCO on disk
-        check_split_paths(split, ann_files[split], Path(img_dir))
-    if plan.format == "voc":
-        check_voc_folders(plan.root, list(plan.years), plan.voc_splits)
-        return cfg
-    if plan.backend == "synthetic":
-        synthetic.ensure_dataset(Path(plan.cache_dir), plan.spec)
-    elif plan.backend == "gcs":
-        from utils.data import gcs
-
-        # The gs:// file backend that mmcv's LoadImageFromFile and mmdet's datasets read through.
-        gcs.register_gcs_backend()
-        gcs.download_annotations(plan.bucket, list(plan.blobs), Path(plan.cache_dir, "gcs"))
-    reports = {split: check_coco_file(ann_files[split]) for split in SPLITS}
-    classes = classes_of(reports["val"], list(plan.classes) if plan.classes else None)
-    if plan.classes:
-        return cfg  # given to the config when planned, and now checked against the file
-    colours = palette(plan, tuple(classes))
-    cfg = copy.deepcopy(cfg)  # the plan's config stays as planned
-    set_classes(cfg, tuple(classes), colours)
-    return cfg
-
-
-def palette(plan: DataPlan, classes: tuple[str, ...] | None = None) -> list | None:
-    """The drawing colours of the generated set's classes: COCO's palette would draw circles and
-    squares in two close reds. None for other data (mmdet's palette)."""
-    classes = classes or plan.classes
-    generated = plan.backend == "synthetic" and tuple(classes or ()) == synthetic.CLASSES
-    return list(synthetic.PALETTE) if generated else None
-
-
-def classes_of(report: AnnotationReport, classes: list[str] | None) -> list[str]:
-    """The class names to train: `data.classes`, else the annotation file's categories by id.
-
-    mmdet maps names to category ids through the annotation file, so ids need not be contiguous;
-    a named class missing from the file would silently get no boxes, hence the error.
-    """
-    names = report.categories
-    if not classes:
-        return names
-    missing = [name for name in classes if name not in names]
-    if missing:
-        raise DataError(
-            f"data.classes names {missing} that {report.path} does not have; its categories are "
-            f"{names[:10]}{' ...' if len(names) > 10 else ''}."
-        )
-    return list(classes)
-
-
-def check_split_paths(split: str, ann_file: Path, img_dir: Path) -> None:
-    """Fail with the data key to fix when a split's annotation file or image folder is missing."""
-    if not ann_file.is_file():
-        raise DataError(
-            f"data.{split}_ann: annotation file {ann_file} does not exist; check data.root and "
-            f"data.{split}_ann."
-        )
-    if not img_dir.is_dir():
-        raise DataError(
-            f"data.{split}_img_prefix: image folder {img_dir} does not exist; check data.root "
-            f"and data.{split}_img_prefix."
-        )

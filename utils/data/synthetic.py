@@ -222,3 +222,10 @@ def ensure_dataset(cache_dir: Path, spec: SyntheticSpec | None = None) -> Path:
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+
+
+def palette(backend: str, classes: tuple[str, ...] | None) -> list | None:
+    """The drawing colours of the generated set's classes: COCO's palette would draw circles and
+    squares in two close reds. None for other data (mmdet's palette)."""
+    generated = backend == "synthetic" and tuple(classes or ()) == CLASSES
+    return list(PALETTE) if generated else None

@@ -17,7 +17,7 @@ from utils.config.tree import VOC_METRIC, evaluator_configs, point_at_voc
 VOC_SPLIT_DEFAULTS = {"train_split": "trainval", "val_split": "test"}
 
 
-def apply_voc_section(cfg: Config, data: dict[str, Any], verify_paths: bool = True) -> None:
+def apply_voc_section(cfg: Config, data: dict[str, Any]) -> None:
     """Point the config at a VOCdevkit folder: one VOCDataset per year, VOC mAP evaluation.
 
     Training concatenates `data.years`' `train_split`s; validation uses the first year's
@@ -31,40 +31,9 @@ def apply_voc_section(cfg: Config, data: dict[str, Any], verify_paths: bool = Tr
     if not isinstance(years, list) or not years:
         raise DataError(f"data.years is {years!r}: list VOC years, e.g. [2007, 2012].")
     splits = {key: data.get(key, default) for key, default in VOC_SPLIT_DEFAULTS.items()}
-    if verify_paths:
-        check_voc_folders(root, years, splits)
     evaluator = voc_evaluator(cfg.val_evaluator, years[0])
     classes = tuple(data["classes"]) if data.get("classes") else None
     point_at_voc(cfg, root, years, splits, classes, evaluator)
-
-
-def check_voc_folders(root: str, years: list[int | str], splits: dict[str, str]) -> None:
-    """Every year's training split and the first year's validation split are there."""
-    for year in years:
-        check_voc_paths(Path(root), year, "train_split", splits["train_split"])
-    check_voc_paths(Path(root), years[0], "val_split", splits["val_split"])
-
-
-def check_voc_paths(root: Path, year: int | str, split_key: str, split: str) -> None:
-    """Fail with the data key to fix when a year's folder, split file or sub-folder is missing."""
-    year_dir = root / f"VOC{year}"
-    if not year_dir.is_dir():
-        raise DataError(
-            f"data.years: folder {year_dir} does not exist; data.root must be the VOCdevkit "
-            f"folder that holds VOC{year}/."
-        )
-    split_file = year_dir / "ImageSets" / "Main" / f"{split}.txt"
-    if not split_file.is_file():
-        raise DataError(
-            f"data.{split_key}: split file {split_file} does not exist; check data.root, "
-            f"data.years and data.{split_key}."
-        )
-    for folder in ("Annotations", "JPEGImages"):
-        if not (year_dir / folder).is_dir():
-            raise DataError(
-                f"data.root: folder {year_dir / folder} does not exist; a VOC year needs "
-                "Annotations/, JPEGImages/ and ImageSets/Main/."
-            )
 
 
 def voc_evaluator(evaluator_cfg: Any, val_year: int | str) -> ConfigDict:

@@ -121,12 +121,6 @@ def coco_setting_problems(key: str, metric_cfg: Any, metrics: list[Any]) -> list
     return problems
 
 
-def raise_problems(problems: list[str], error: type[Exception]) -> None:
-    """Raise `error` with every problem found (each names its key and what to do), if any."""
-    if problems:
-        raise error(" ".join(problems))
-
-
 def as_list(value: Any) -> list[Any]:
     """A config value that may be one item, a list or tuple, or a numpy array, as a list."""
     if isinstance(value, list | tuple):

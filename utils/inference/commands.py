@@ -56,7 +56,8 @@ def copy_export(checkpoint: Path, out: Path, experiment_conf: dict[str, Any] | N
     import torch
     from mmengine.config import Config
 
-    from utils.data.source import plan_data, prepare_source
+    from utils.data.prepare import prepare_source
+    from utils.data.source import plan_data
     from utils.inference.predict import find_export
     from utils.training import export
 

@@ -7,7 +7,7 @@ drive itself, its collectives (`Collectives`). Determined's Trainer drives its o
 Ray worker and the tests' plain loop call `train_step` and `validate` directly:
 
     steps = TorchSteps(session)
-    for batch in session.train_loader(rank=rank):
+    for batch in train_loader(session, rank=rank):
         metrics = train_step(session, batch, steps)
         if session.batches_trained % session.schedule.validation_period == 0:
             metrics = validate(ValidationPass(session), batches, collectives)

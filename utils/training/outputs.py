@@ -166,12 +166,10 @@ class RunOutputs:
     def checkpoint(self, folder: Path) -> None:
         """A checkpoint folder written on the chief, before the engine uploads it."""
         session = self.session
+        weights = session.export_weights()
+        meta = export.dataset_meta(session.val_dataset.metainfo)
         export.write_export(
-            folder / export.EXPORT_DIR,
-            session.export_weights(),
-            session.cfg,
-            export.dataset_meta(session.val_dataset.metainfo),
-            session.batches_trained,
+            folder / export.EXPORT_DIR, weights, session.cfg, meta, session.batches_trained
         )
         if self.drawings:
             save_pngs(self.drawings, folder / "predictions")

@@ -10,7 +10,6 @@ classes); the training session calls it itself, so no engine can build from unpr
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -21,8 +20,8 @@ from mmengine.utils import import_modules_from_strings
 from utils.base.errors import ConfigError
 from utils.config.build import apply_hparams, apply_overrides, load_config, scale_lr
 from utils.config.schedule import Schedule, accumulation
-from utils.config.tree import base_dataset
-from utils.data.source import DataPlan, plan_data, prepare_source
+from utils.data.prepare import prepare_source
+from utils.data.source import DataPlan, plan_data
 from utils.evaluation.metric_names import check_searcher
 from utils.experiment.load import training_length
 from utils.training.hooks import HookPlan, plan_hooks
@@ -80,14 +79,17 @@ def plan_run(
     *,
     world_size: int = 1,
     searcher: dict[str, Any] | None = None,
+    refuse_searcher: bool = False,
 ) -> RunPlan:
     """The run's config, hook plan, batch split and length, from the experiment alone.
 
     Reads the config files and nothing else (no data is generated, fetched or checked: see
     `prepare_data`). An unsupported hook or setting, a hyperparameter or data key the run does
-    not read, or a data section that cannot work fails here, before anything is built."""
+    not read, or a data section that cannot work fails here, before anything is built. A
+    `searcher.metric` the run never reports fails too with `refuse_searcher` (a cluster's
+    searcher reads it), else is logged (Determined's local mode reads none)."""
     cfg, data_plan = resolve_config(hparams, data, world_size)
-    check_searcher(cfg, searcher or {}, refuse=False)  # logged: local runs read no metric
+    check_searcher(cfg, searcher or {}, refuse=refuse_searcher)
     hooks = plan_hooks(cfg)
     length = training_length(searcher or {})
     return RunPlan(cfg, hparams, hooks, world_size, hparams["global_batch_size"], length, data_plan)
@@ -174,19 +176,3 @@ def config_seed(cfg: Config) -> int | None:
     """The config's `randomness.seed`, which wins over any engine's seed."""
     seed = (cfg.get("randomness") or {}).get("seed")
     return None if seed is None else int(seed)
-
-
-def keeps_workers(loader_cfg: Any) -> bool:
-    """Whether mmengine's runner keeps this loader's workers (and iterator) between passes."""
-    return bool(loader_cfg.get("persistent_workers")) and loader_cfg.get("num_workers", 0) > 0
-
-
-def loader_worker_init(cfg: Config) -> Callable[[int], None] | None:
-    """What each data loader worker runs first: with data on GCS, registering the gs:// file
-    backend (a forked worker inherits it, a spawned one starts without it)."""
-    root = str(base_dataset(cfg.train_dataloader.dataset).get("data_root") or "")
-    if not root.startswith("gs://"):
-        return None
-    from utils.data.gcs import register_gcs_backend
-
-    return register_gcs_backend

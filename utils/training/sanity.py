@@ -237,5 +237,6 @@ def validation(parts: SanityParts, batch: dict[str, Any]) -> None:
 def ground_truth(coco: Any, ids: list[Any]) -> dict[str, Any]:
     """A copy of a COCO index's ground truth of images `ids` (and its categories)."""
     images = copy.deepcopy(coco.loadImgs(ids))
-    annotations = copy.deepcopy([ann for i in ids for ann in coco.imgToAnns[i]])
+    # pycocotools' API, which every COCO engine's index answers.
+    annotations = copy.deepcopy(coco.loadAnns(coco.getAnnIds(imgIds=ids)))
     return {**coco.dataset, "images": images, "annotations": annotations}

@@ -13,26 +13,18 @@ from __future__ import annotations
 import contextlib
 import copy
 import logging
-from collections.abc import Callable
 from typing import Any
 
 import torch
 from mmdet.registry import MODELS
-from mmengine.dataset import pseudo_collate
 from mmengine.runner import set_random_seed
-from torch.utils.data import BatchSampler, DataLoader, SequentialSampler
 
-from utils.base.errors import ConfigError, DataError, TrainingStopped
-from utils.config.build import unfollowed_intervals
+from utils.base.errors import ConfigError, DataError, TrainingStopped, raise_problems
+from utils.config.schedule import Schedule, unfollowed_intervals
 from utils.data.datasets import build_dataset, image_problems
-from utils.data.sampling import (
-    GroupedBatchSampler,
-    LoaderSeedDraws,
-    LoudDataset,
-    SeededDataset,
-)
+from utils.data.sampling import LoaderSeedDraws
 from utils.evaluation.evaluator import CocoEvaluator
-from utils.evaluation.preflight import evaluation_problems, raise_problems
+from utils.evaluation.preflight import evaluation_problems
 from utils.training.hooks import (
     EmaWeights,
     PipelineSchedule,
@@ -42,8 +34,9 @@ from utils.training.hooks import (
     use_l1_loss,
     yolox_switch_epoch,
 )
+from utils.training.loaders import keeps_workers
 from utils.training.optim import ParamSchedulers, amp_settings, build_optimizer, clip_gradients
-from utils.training.plan import RunPlan, keeps_workers, loader_worker_init, prepare_data
+from utils.training.plan import RunPlan, config_seed, prepare_data
 from utils.training.weights import init_weights, load_weights
 
 logger = logging.getLogger(__name__)
@@ -54,7 +47,8 @@ class TrainingSession:
 
     Args:
         plan: from `plan_run`, in this process or another; its data is readied here first.
-        seed: the run's seed (`config_seed`, else the engine's).
+        seed: the engine's seed (Determined's trial seed), unless the config sets
+            `randomness.seed` (`config_seed`), which wins.
         rank: this process's rank among `plan.world_size`.
         device: where the model trains (`cuda:N` on a GPU, else the CPU).
         resumed_batches: batches a resumed run already trained, when the engine does not skip
@@ -65,48 +59,43 @@ class TrainingSession:
         self,
         plan: RunPlan,
         *,
-        seed: int,
+        seed: int = 0,
         rank: int = 0,
         device: str | torch.device = "cpu",
         resumed_batches: int = 0,
     ) -> None:
+        configured = config_seed(plan.cfg)
         # Once per process, for every engine: no dataset is built from unprepared data.
         plan = prepare_data(plan)
         cfg = self.cfg = plan.cfg
         self.plan = plan
-        self.seed = seed
+        self.seed = seed = seed if configured is None else configured
         self.rank = rank
         self.world_size = plan.world_size
         self.resumed_batches = resumed_batches
-        runner_environment(cfg, distributed=plan.world_size > 1)
+        self.batches_trained = resumed_batches
+        self.device = torch.device(device)
+        # The model first: its initial weights are the first random draws after the seed.
         set_random_seed(seed)
-
         # A copy: mmdet's detectors write into the config they are built from (roi_head.train_cfg,
         # ...), and self.cfg stays the resolved config as the checkpoints export it.
         self.detector = MODELS.build(copy.deepcopy(cfg.model))
         # What the first validation would fail on, found before any weights or data are loaded.
-        raise_problems(evaluation_problems(cfg, self.detector), ConfigError)
+        problems = evaluation_problems(cfg, self.detector)
+        raise_problems(problems, ConfigError)
         init_weights(self.detector)
         load_from = plan.hparams.get("load_from") or cfg.get("load_from")
         if load_from:
             logger.info("Pretrained weights: %s", load_weights(self.detector, load_from))
-        self.device = torch.device(device)
         self.detector.to(self.device)
         # What runs the forward pass: the detector, or an engine's wrapper of it (DDP).
         self.model: torch.nn.Module = self.detector
-        # Mixed precision where the config asks for it (AmpOptimWrapper).
-        self.amp = amp_settings(cfg, self.device.type == "cuda")
-        self.scaler = None
-        if self.amp:
-            logger.info("Mixed precision: %s autocast on %s.", self.amp.dtype, self.amp.device)
-            if self.amp.loss_scale is not None:
-                self.scaler = self.amp.grad_scaler()
-        self.optimizer, self.clip_grad = build_optimizer(self.detector, cfg)
 
         self.train_dataset = build_dataset(cfg, "train")
         self.val_dataset = build_dataset(cfg, "val")
-        raise_problems(image_problems(self.val_dataset, "val"), DataError)  # a stat per image
-        self.schedule = plan.schedule(len(self.train_dataset))
+        problems = image_problems(self.val_dataset, "val")  # a stat per image
+        raise_problems(problems, DataError)
+        self.schedule = Schedule.build(cfg, len(self.train_dataset), plan.global_batch, plan.length)
         note = unfollowed_intervals(cfg)
         if note:
             logger.warning(note)
@@ -116,10 +105,10 @@ class TrainingSession:
             keeps_workers(cfg.val_dataloader),
             self.schedule.epoch_length,
         )
-        self.batches_trained = resumed_batches
 
-        # The config's custom hooks (utils/training/hooks.py), built once the model is on its
-        # device.
+        # What mmengine's Runner and the config's custom hooks (utils/training/hooks.py) do to
+        # the process and the loop, built once the model is on its device.
+        runner_environment(cfg, distributed=plan.world_size > 1)
         hooks = plan.hooks
         self.ema = EmaWeights(hooks.ema, self.detector, self.schedule) if hooks.ema else None
         self.sync_norm = hooks.sync_norm
@@ -134,70 +123,20 @@ class TrainingSession:
             if hooks.switches or skip
             else None
         )
+
+        # Mixed precision where the config asks for it (AmpOptimWrapper).
+        self.amp = amp_settings(cfg, self.device.type == "cuda")
+        self.scaler = None
+        if self.amp:
+            logger.info("Mixed precision: %s autocast on %s.", self.amp.dtype, self.amp.device)
+            if self.amp.loss_scale is not None:
+                self.scaler = self.amp.grad_scaler()
+        self.optimizer, self.clip_grad = build_optimizer(self.detector, cfg)
         self.lr_schedulers = ParamSchedulers(
             self.optimizer, cfg, self.schedule.epoch_length, self.schedule.max_batches
         )
         self.evaluator = CocoEvaluator(cfg, plan.hparams.get("coco_backend"))
         self.evaluator.set_dataset_meta(self.val_dataset.metainfo)
-
-    # Data.
-
-    def train_loader(
-        self, loader_class: Callable[..., Any] = DataLoader, rank: int | None = None
-    ) -> Any:
-        """The training batches of `rank` (its slice of every global batch); with `rank=None`
-        every rank's slice in turn, for an engine that deals them to ranks itself."""
-        loader_cfg = self.cfg.train_dataloader
-        replicas = self.world_size
-        sampler = GroupedBatchSampler(
-            self.train_dataset,
-            self.cfg.train_dataloader.batch_size,
-            seed=self.seed,
-            num_replicas=replicas,
-            rank=rank,
-            skip=self.resumed_batches * (replicas if rank is None else 1),
-        )
-        dataset = LoudDataset(self.train_dataset, "train_dataloader.dataset")
-        return loader_class(
-            SeededDataset(dataset, self.seed, self.pipelines),
-            batch_sampler=sampler,
-            **self._loader_options(loader_cfg),
-        )
-
-    def val_loader(
-        self, loader_class: Callable[..., Any] = DataLoader, rank: int | None = None
-    ) -> Any:
-        """The validation batches of `rank`: the images in order, in batches of the config's
-        size, dealt to the ranks round-robin, so that each image is predicted in the same batch
-        whatever the ranks (mmdet pads a batch to its largest image); with `rank=None` all the
-        batches, for an engine that deals them itself in the same way (Determined)."""
-        loader_cfg = self.cfg.val_dataloader
-        replicas = self.world_size
-        size = len(self.val_dataset)
-        if size < replicas:
-            raise DataError(
-                f"The validation set has {size} images, fewer than the {replicas} processes "
-                "that share it: use a larger set or fewer slots."
-            )
-        # None of the ranks may be left without a batch.
-        batch_size = min(loader_cfg.get("batch_size", 1), -(-size // replicas))
-        options = self._loader_options(loader_cfg)
-        dataset = LoudDataset(self.val_dataset, "val_dataloader.dataset")
-        if rank is None:
-            return loader_class(dataset, batch_size=batch_size, shuffle=False, **options)
-        batches = list(BatchSampler(SequentialSampler(range(size)), batch_size, drop_last=False))
-        return loader_class(dataset, batch_sampler=batches[rank::replicas], **options)
-
-    def _loader_options(self, loader_cfg: Any) -> dict[str, Any]:
-        workers = loader_cfg.get("num_workers", 0)
-        return dict(
-            num_workers=workers,
-            persistent_workers=workers > 0,
-            collate_fn=pseudo_collate,
-            worker_init_fn=loader_worker_init(self.cfg),
-            # Workers' seeds come from here, not from the global generator: exact resumes.
-            generator=torch.Generator().manual_seed(self.seed),
-        )
 
     # Training steps.
 

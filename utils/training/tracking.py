@@ -31,7 +31,7 @@ from pathlib import Path
 from typing import Any
 
 from utils.base.errors import TrackingError
-from utils.training.tracking_settings import MlflowSettings, looks_secret, redact
+from utils.training.tracking_settings import MlflowSettings
 
 logger = logging.getLogger(__name__)
 
@@ -41,6 +41,13 @@ RUN_FILE = "mlflow_run.json"
 MAX_PARAM_VALUE = 6000
 MAX_NAME = 250
 _NOT_IN_NAME = re.compile(r"[^\w\-. /:]")
+# Words of a param name that mark its value as a secret (matched as whole words, not substrings).
+SECRET_WORDS = {
+    "password", "passwd", "token", "secret", "key", "apikey", "credential", "credentials",
+    "signature", "sig",
+}  # fmt: skip
+_URI_USERINFO = re.compile(r"(\b[a-zA-Z][\w+.-]*://)[^/@\s]+@")
+_QUERY_ITEM = re.compile(r"([?&;])([^=&;#\s]+)=([^&;#\s]*)")
 
 
 def flatten(tree: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
@@ -240,3 +247,18 @@ class MlflowRun:
             logger.warning(
                 "MLflow: logging %s to %s failed: %s", what, self.where, redact(str(err))
             )
+
+
+def redact(text: str) -> str:
+    """`text` with the user info of URIs and secret-looking query values replaced by ***."""
+    text = _URI_USERINFO.sub(r"\1***@", text)
+    return _QUERY_ITEM.sub(
+        lambda m: f"{m[1]}{m[2]}=***" if looks_secret(m[2]) else m[0],
+        text,
+    )
+
+
+def looks_secret(name: str) -> bool:
+    """Whether a (dotted, snake or camel case) name has a word such as password, token or key."""
+    words = re.findall(r"[A-Z]?[a-z0-9]+|[A-Z]+(?![a-z])", name)
+    return any(word.lower() in SECRET_WORDS for word in words)

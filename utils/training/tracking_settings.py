@@ -1,15 +1,13 @@
-"""Whether and where a run is tracked in MLflow, and what of it stays secret.
+"""Whether and where a run is tracked in MLflow.
 
 Enabled by a `data.mlflow` mapping in the experiment YAML or by `MLFLOW_TRACKING_URI` in the
 environment (see utils/training/tracking.py for what a run logs). Credentials stay out of the
-YAML and out of the run: user:password in URIs is redacted and secret-looking names are not
-logged.
+YAML and out of the run (`utils.training.tracking.redact`).
 """
 
 from __future__ import annotations
 
 import os
-import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -17,13 +15,6 @@ from typing import Any
 from utils.base.errors import TrackingError
 
 SECTION_KEYS = ("tracking_uri", "experiment_name", "tags")
-# Words of a param name that mark its value as a secret (matched as whole words, not substrings).
-SECRET_WORDS = {
-    "password", "passwd", "token", "secret", "key", "apikey", "credential", "credentials",
-    "signature", "sig",
-}  # fmt: skip
-_URI_USERINFO = re.compile(r"(\b[a-zA-Z][\w+.-]*://)[^/@\s]+@")
-_QUERY_ITEM = re.compile(r"([?&;])([^=&;#\s]+)=([^&;#\s]*)")
 
 
 @dataclass
@@ -63,18 +54,3 @@ def mlflow_settings(
     )
     uri = section.get("tracking_uri") or environ.get("MLFLOW_TRACKING_URI") or None
     return MlflowSettings(uri, str(name), {str(k): str(v) for k, v in tags.items()})
-
-
-def redact(text: str) -> str:
-    """`text` with the user info of URIs and secret-looking query values replaced by ***."""
-    text = _URI_USERINFO.sub(r"\1***@", text)
-    return _QUERY_ITEM.sub(
-        lambda m: f"{m[1]}{m[2]}=***" if looks_secret(m[2]) else m[0],
-        text,
-    )
-
-
-def looks_secret(name: str) -> bool:
-    """Whether a (dotted, snake or camel case) name has a word such as password, token or key."""
-    words = re.findall(r"[A-Z]?[a-z0-9]+|[A-Z]+(?![a-z])", name)
-    return any(word.lower() in SECRET_WORDS for word in words)

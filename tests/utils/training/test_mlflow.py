@@ -20,8 +20,8 @@ import yaml
 from tests.conftest import REPO, TINY_SYNTHETIC, train
 from tests.servers import free_port
 from utils.experiment.load import ExperimentError, environment_variables
-from utils.training.tracking import TrackingError
-from utils.training.tracking_settings import looks_secret, mlflow_settings, redact
+from utils.training.tracking import TrackingError, looks_secret, redact
+from utils.training.tracking_settings import mlflow_settings
 
 CONFIG = "configs/synthetic/retinanet_r18_fpn_synthetic.py"
 PASSWORDS = ("URI-PASSWORD", "URL-PASSWORD", "HPARAM-TOKEN")  # must appear nowhere in MLflow

@@ -13,7 +13,7 @@ import pytest
 
 from tests.conftest import REPO, TINY_SYNTHETIC, disk_data
 from utils.base.errors import AnnotationError, DataError
-from utils.data import source
+from utils.data import prepare, source
 from utils.training.plan import plan_run, prepare_data
 
 RETINANET = "configs/synthetic/retinanet_r18_fpn_synthetic.py"
@@ -38,9 +38,9 @@ def refuse(name: str):
 def test_planning_generates_fetches_and_checks_nothing(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    for name in ("check_coco_file", "check_split_paths"):
-        monkeypatch.setattr(source, name, refuse(name))
-    monkeypatch.setattr(source.synthetic, "ensure_dataset", refuse("ensure_dataset"))
+    for name in ("check_coco_file", "check_split_paths", "check_voc_folders"):
+        monkeypatch.setattr(prepare, name, refuse(name))
+    monkeypatch.setattr(prepare.synthetic, "ensure_dataset", refuse("ensure_dataset"))
     cache = tmp_path / "cache"
     plan = plan_run(hparams(), synthetic(cache), world_size=2)
     assert not cache.exists()  # nothing generated

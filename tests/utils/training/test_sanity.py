@@ -23,8 +23,9 @@ from utils.base.errors import ConfigError, StageError
 from utils.check.experiment import check_experiment
 from utils.evaluation.validation import VALIDATION_FAILURE, failure_keeping_loader
 from utils.experiment.load import load_experiment, local_hparams
+from utils.training.loaders import train_loader, val_loader
 from utils.training.loop import TorchCollectives, TorchSteps, ValidationPass, train_step, validate
-from utils.training.plan import config_seed, plan_run
+from utils.training.plan import plan_run
 from utils.training.sanity import enabled, run_sanity_pass
 from utils.training.session import TrainingSession
 
@@ -54,7 +55,7 @@ def experiment(data: dict, overrides: dict, *extra: str) -> dict:
 
 def session_of(exp: dict) -> TrainingSession:
     plan = plan_run(local_hparams(exp["hyperparameters"]), exp["data"])
-    return TrainingSession(plan, seed=config_seed(plan.cfg) or 0)
+    return TrainingSession(plan)
 
 
 def state(session: TrainingSession) -> dict[str, Any]:
@@ -97,7 +98,7 @@ def assert_same(before: dict[str, Any], after: dict[str, Any]) -> None:
 def train_two(session: TrainingSession) -> tuple[list[dict], list[list[int]]]:
     """Two batches of the run's loop: their metrics and image ids."""
     steps, records, ids = TorchSteps(session), [], []
-    for batch in session.train_loader(rank=0):
+    for batch in train_loader(session, rank=0):
         ids.append([sample.img_id for sample in batch["data_samples"]])
         records.append(train_step(session, batch, steps))
         if session.batches_trained == 2:
@@ -106,7 +107,7 @@ def train_two(session: TrainingSession) -> tuple[list[dict], list[list[int]]]:
 
 
 def validation_of(session: TrainingSession) -> dict[str, float]:
-    batches = session.val_loader(failure_keeping_loader(DataLoader), rank=0)
+    batches = val_loader(session, failure_keeping_loader(DataLoader), rank=0)
     return validate(ValidationPass(session), batches, TorchCollectives(1))
 
 

@@ -12,8 +12,9 @@ from torch.utils.data import DataLoader
 from tests.conftest import REPO, SGD_SETS, train
 from utils.evaluation.validation import failure_keeping_loader
 from utils.experiment.load import load_experiment, local_hparams
+from utils.training.loaders import train_loader, val_loader
 from utils.training.loop import TorchCollectives, TorchSteps, ValidationPass, train_step, validate
-from utils.training.plan import config_seed, plan_run
+from utils.training.plan import plan_run
 from utils.training.session import TrainingSession
 
 CONFIG = "configs/synthetic/retinanet_r18_fpn_synthetic.py"
@@ -33,16 +34,16 @@ def plain_loop(data: dict) -> tuple[list[dict[str, float]], dict[str, float]]:
         ],
     )
     plan = plan_run(local_hparams(exp["hyperparameters"]), exp["data"])
-    session = TrainingSession(plan, seed=config_seed(plan.cfg) or 0)
+    session = TrainingSession(plan)
     assert session.schedule.epoch_length == 4  # 16 images, 4 a batch
     steps = TorchSteps(session)
     records = []
-    for batch in session.train_loader(rank=0):
+    for batch in train_loader(session, rank=0):
         records.append(train_step(session, batch, steps))
         if session.batches_trained == BATCHES:
             break
     assert session.batches_trained == BATCHES
-    batches = session.val_loader(failure_keeping_loader(DataLoader), rank=0)
+    batches = val_loader(session, failure_keeping_loader(DataLoader), rank=0)
     metrics = validate(ValidationPass(session), batches, TorchCollectives(1))
     assert session.model.training  # the pass ends in training mode
     return records, metrics
