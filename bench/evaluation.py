@@ -1,8 +1,7 @@
 """COCO validation time on stored predictions: our evaluator against mmdet's CocoMetric.
 
-Ours: `utils.evaluation.evaluator.CocoEvaluator` with faster-coco-eval (update per batch, then
-compute, as
-the trial's reducer runs it on one rank). Baseline: mmdet's `CocoMetric` with pycocotools as
+Ours: `utils.evaluation.evaluator.CocoEvaluator` with hotcoco (update per batch, then compute,
+as the trial's reducer runs it on one rank). Baseline: mmdet's `CocoMetric` with pycocotools as
 mmengine's Evaluator drives it (`to_dict` and `process` per batch, then `evaluate`). Both see the
 same generated predictions (bench.coco_data), batch by batch, A and B alternating; the timed
 region is the evaluator's own work, not building the predictions.
@@ -38,7 +37,7 @@ def run_once(records: list[dict], ann_file: str, metric: str, ours_first: bool) 
     """One validation by each evaluator; seconds per phase (update: all batches, compute)."""
     ours = CocoEvaluator(
         Config({"val_evaluator": {"type": "CocoMetric", "ann_file": ann_file, "metric": metric}}),
-        backend="faster_coco_eval",
+        backend="hotcoco",
     )
     ours.set_dataset_meta({"classes": CLASSES})
     baseline = CocoMetric(ann_file=ann_file, metric=metric)
@@ -104,11 +103,12 @@ def measure(quick: bool) -> list[dict[str, Any]]:
 
 def plots_once(records: list[dict], ann_file: str, tmp: Path) -> dict[str, float]:
     """A Mask R-CNN-like validation (bbox and segm) by our evaluator, then its plots as the
-    trial's callback makes them: report (curves, best F1, confusion matrix), drawing, files."""
+    trial's callback makes them: report (curves, best F1, TIDE, calibration, confusion matrix),
+    drawing, files."""
     evaluator = CocoEvaluator(
         Config({"val_evaluator": {"type": "CocoMetric", "ann_file": ann_file,
                                   "metric": ["bbox", "segm"]}}),
-        backend="faster_coco_eval",
+        backend="hotcoco",
     )  # fmt: skip
     evaluator.set_dataset_meta({"classes": CLASSES})
     times = dict.fromkeys(("validation", "report", "draw", "save"), 0.0)
@@ -146,9 +146,9 @@ def plots_row(num_images: int, detections: int, runs: list[dict]) -> dict[str, A
         f"{num_images} generated 256 px images, {detections} detections with masks, bbox and "
         f"segm metrics, batches of {BATCH}; {len(runs)} repetition(s), medians in s: "
         f"validation's evaluation (update + compute) {without:.2f}; plots {median('plots'):.2f}"
-        f" = report {median('report'):.2f} (PR and threshold curves from the COCOeval arrays, "
-        f"the confusion matrix's class-agnostic matching by faster-coco-eval) + drawing "
-        f"{median('draw'):.2f} (5 matplotlib figures) + files {median('save'):.2f}. The "
+        f" = report {median('report'):.2f} (PR and threshold curves from the COCOeval arrays; "
+        "TIDE, calibration and the confusion matrix from hotcoco's evaluation) + drawing "
+        f"{median('draw'):.2f} (7 matplotlib figures) + files {median('save'):.2f}. The "
         "model's forward passes over the images, which a real validation adds, are not counted."
     )
     return {
@@ -182,8 +182,8 @@ def row(metric: str, num_images: int, detections: int, runs: list[dict]) -> dict
     # From cProfile of the 5000-image runs.
     details += (
         " Profile of ours: update is the RLE encoding of the masks (ours, about twice as fast as"
-        " mmdet's); in compute, faster-coco-eval's loadRes, RLE preparation of ground truth and"
-        " detections and C++ evaluate/accumulate take over 90 %, our records under 10 %."
+        " mmdet's); compute is hotcoco's loadRes from columns, evaluate and accumulate, and our"
+        " reading of the arrays (under 5 %)."
     )
     return {
         "measure": f"COCO {metric} evaluation, {num_images} images",

@@ -28,11 +28,11 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any
 
-SECTIONS = ("training", "evaluation", "validation", "engines", "serve", "startup")
+SECTIONS = ("training", "evaluation", "validation", "engines", "serve", "startup", "batch_predict")
 KEYS = ("measure", "unit", "ours", "baseline", "baseline_name", "ratio", "ratio_definition")
 KEYS += ("goal", "met", "details")
 PACKAGES = ("torch", "torchvision", "mmcv", "mmengine", "mmdet", "numpy", "determined")
-PACKAGES += ("pycocotools", "faster-coco-eval")
+PACKAGES += ("pycocotools", "hotcoco")
 KEPT_MARK = "(kept: measured"  # in the details of a row a partial run did not re-measure
 
 

@@ -93,7 +93,7 @@ def ours_end(job: dict[str, Any], rank: int, share: Any) -> dict[str, Any]:
         rank=rank, size=ranks, local_rank=rank, local_size=ranks, cross_rank=0, cross_size=1,
         pub_port=job["ports"][0], pull_port=job["ports"][1],
     )  # fmt: skip
-    evaluator = CocoEvaluator(evaluator_cfg(job["ann_file"], job["metric"]), "faster_coco_eval")
+    evaluator = CocoEvaluator(evaluator_cfg(job["ann_file"], job["metric"]), "hotcoco")
     evaluator.set_dataset_meta({"classes": CLASSES})
     context = _PyTorchReducerContext(dist.allgather)  # what PyTorchTrialContext builds on
     # The pass's end alone: its share and result read only the session's evaluator.

@@ -10,6 +10,7 @@ import sys
 import warnings
 from typing import Any
 
+from on_ray import batch_predict
 from on_ray.checkpoints import CHECKPOINTS
 from on_ray.serve_cli import arguments as serve_arguments
 from on_ray.serve_cli import serve
@@ -33,6 +34,8 @@ checkpoint folder, <storage>/<run>/checkpoint_*, or any folder model_def.py take
     python -m on_ray export CHECKPOINT --out DIR
     python -m on_ray predict CHECKPOINT INPUT... --out DIR
     python -m on_ray evaluate CHECKPOINT ANNOTATION_FILE [--image-root DIR] [--out DIR]
+Batch inference on Ray Data, a pool of workers with one model each (docs/batch-inference.md):
+    python -m on_ray predict CHECKPOINT INPUT --workers N [--annotations ANN.json] [--output DIR]
 """
 
 
@@ -80,6 +83,7 @@ def build_parser() -> argparse.ArgumentParser:
     tune.add_argument("--seed", type=int, default=0, help="the search algorithm's seed")
     serve_arguments(commands.add_parser("serve", help="a checkpoint on Ray Serve"))
     add_commands(commands)
+    commands.choices["predict"].epilog = batch_predict.HELP
     return parser
 
 
@@ -88,8 +92,11 @@ def main(argv: list[str] | None = None) -> Any:
     `predict` and `evaluate` return."""
     warnings.filterwarnings("ignore", message="pkg_resources is deprecated", category=UserWarning)
     check_versions("ray")  # the shared stack and Ray's packages; Determined is not needed
-    args = build_parser().parse_args(sys.argv[1:] if argv is None else list(argv))
+    argv = sys.argv[1:] if argv is None else list(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    if argv[:1] == ["predict"] and batch_predict.on_ray_data(argv[1:]):
+        return batch_predict.main(argv[1:])
+    args = build_parser().parse_args(argv)
     if args.command in COMMANDS:
         return run_command(args, CHECKPOINTS)
     if args.command == "serve":

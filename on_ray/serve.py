@@ -1,9 +1,9 @@
 """`python -m on_ray serve`: a checkpoint behind a batched HTTP API on Ray Serve.
 
-One deployment answers every route (`on_ray/serve_http.py`); its replicas each load the export
-and gather concurrent detect requests with `@serve.batch` (`utils/inference/serving.py` runs them:
-one forward pass per padded shape). On the CPU the replicas share the local Ray's CPUs; where
-Ray sees GPUs, each replica takes one.
+One deployment, the FastAPI app of `on_ray/serve_http.py` behind `@serve.ingress`, answers
+every route; its replicas each load the export and gather concurrent images with `@serve.batch`
+(`utils/inference/serving.py` runs them). On the CPU the replicas share the local Ray's CPUs;
+where Ray sees GPUs, each replica takes one. Metrics: `on_ray/serve_metrics.py`.
 """
 
 from __future__ import annotations
@@ -18,12 +18,11 @@ from typing import Any
 import ray
 import torch
 from ray import serve
-from starlette.requests import Request as HttpRequest
-from starlette.responses import Response
 
 from on_ray.checkpoints import ray_checkpoint
 from on_ray.cluster import LOCAL_OBJECT_STORE
-from on_ray.serve_http import Settings, handle
+from on_ray.serve_http import Service, Settings, app, service
+from on_ray.serve_metrics import ReplicaMetrics, RequestMetrics
 from utils.base.errors import PredictError
 from utils.inference.predict import find_export
 from utils.inference.serving import Outcome, Request, ServingModel
@@ -31,14 +30,25 @@ from utils.inference.serving import Outcome, Request, ServingModel
 APP_NAME = "detector"
 
 
+def this_replica() -> Service:
+    return serve.get_replica_context().servable_object
+
+
+# Before `serve.ingress`, which freezes the app as it is.
+app.dependency_overrides[service] = this_replica
+app.add_middleware(RequestMetrics)
+
+
 @serve.deployment(name=APP_NAME)
+@serve.ingress(app)
 class Detector:
-    """A replica: the model, and every HTTP route."""
+    """A replica: the model, answering the app's routes."""
 
     def __init__(self, export_dir: str, settings: Settings) -> None:
         device = settings.device or ("cuda" if torch.cuda.is_available() else "cpu")
-        self.model = ServingModel(export_dir, device)
+        self.model = ServingModel(export_dir, device, settings.shape_batches)
         self.settings = settings
+        self.metrics = ReplicaMetrics(settings.max_batch_size)
         self.detect_batch.set_max_batch_size(settings.max_batch_size)
         self.detect_batch.set_batch_wait_timeout_s(settings.batch_wait_ms / 1000)
         # Forward passes in one thread of their own, always the same: each thread that calls
@@ -51,12 +61,12 @@ class Detector:
 
     @serve.batch(max_batch_size=8, batch_wait_timeout_s=0.01)  # reset from the settings
     async def detect_batch(self, requests: list[Request]) -> list[Outcome]:
+        self.metrics.batch_started(requests)
         # In that thread: the replica keeps accepting requests (the next batch) meanwhile.
         loop = asyncio.get_running_loop()
-        return await loop.run_in_executor(self.executor, self.model.detect, requests)
-
-    async def __call__(self, request: HttpRequest) -> Response:
-        return await handle(request, self)
+        outcomes = await loop.run_in_executor(self.executor, self.model.detect, requests)
+        self.metrics.batch_done(outcomes)
+        return outcomes
 
 
 def application(
@@ -104,12 +114,15 @@ def start(
     host: str = "127.0.0.1",
     port: int = 8000,
     num_cpus: int | None = None,
+    metrics_port: int | None = None,
 ) -> str:
-    """Start a local Ray (unless this process has one) and Serve, deploy; returns the URL."""
+    """Start a local Ray (unless this process has one) and Serve, deploy; returns the URL.
+    Ray exports the metrics on `metrics_port` (default: a free port it picks)."""
     export_dir = find_export(ray_checkpoint(checkpoint))
     if not ray.is_initialized():
         ray.init(
             num_cpus=num_cpus,
+            _metrics_export_port=metrics_port,
             include_dashboard=False,
             object_store_memory=LOCAL_OBJECT_STORE,
             logging_level="WARNING",
@@ -121,6 +134,12 @@ def start(
     serve.run(application(export_dir, settings, replicas, autoscale), name=APP_NAME)
     shown = "127.0.0.1" if host in ("0.0.0.0", "::") else host
     return f"http://{shown}:{port}/"
+
+
+def metrics_url() -> str:
+    """Where this node's Ray exports its metrics (Serve's and ours), in Prometheus text."""
+    port = next(node["MetricsExportPort"] for node in ray.nodes() if node["Alive"])
+    return f"http://127.0.0.1:{port}/metrics"
 
 
 def stop() -> None:
@@ -137,8 +156,12 @@ def run(checkpoint: str, settings: Settings, **kwargs: Any) -> None:
 
     try:
         url = start(checkpoint, settings, **kwargs)
-        signal.signal(signal.SIGTERM, interrupt)  # after ray.init, which sets its own
+        # After ray.init, which sets its own. SIGINT too: a server started in the background
+        # of a shell inherits SIGINT ignored, and Ctrl-C (or a test's) would not stop it.
+        signal.signal(signal.SIGTERM, interrupt)
+        signal.signal(signal.SIGINT, interrupt)
         print(f"Serving {checkpoint} at {url} (page), {url}v1/detect (API). Ctrl-C stops.")
+        print(f"API docs at {url}docs; metrics (Prometheus text) at {metrics_url()}")
         print(f"Try: curl -F image=@photo.jpg {url}v1/detect", flush=True)
         while True:
             time.sleep(3600)

@@ -37,7 +37,7 @@ def arguments(parser: argparse.ArgumentParser) -> None:
         "--max-batch-size",
         type=positive_int,
         default=DEFAULTS.max_batch_size,
-        help=f"requests per batch (default {DEFAULTS.max_batch_size})",
+        help=f"images per batch (default {DEFAULTS.max_batch_size})",
     )
     parser.add_argument(
         "--batch-wait-ms",
@@ -68,7 +68,22 @@ def arguments(parser: argparse.ArgumentParser) -> None:
         help=f"larger images get 413 (default {DEFAULTS.max_image_pixels})",
     )
     parser.add_argument(
+        "--max-images",
+        type=positive_int,
+        default=DEFAULTS.max_images,
+        help=f"images per request, as repeated multipart fields (default {DEFAULTS.max_images})",
+    )
+    parser.add_argument(
+        "--shape-batches",
+        action="store_true",
+        help="one forward pass per padded shape instead of per image: faster on a GPU, but an "
+        "answer then equals the image's alone only up to float rounding",
+    )
+    parser.add_argument(
         "--num-cpus", type=positive_int, help="CPUs of the local Ray (default: all of them)"
+    )
+    parser.add_argument(
+        "--metrics-port", type=positive_int, help="Ray's metrics export port (default: free)"
     )
 
 
@@ -87,7 +102,9 @@ def serve(args: argparse.Namespace) -> None:
         batch_wait_ms=args.batch_wait_ms,
         max_image_bytes=args.max_image_bytes,
         max_image_pixels=args.max_image_pixels,
+        max_images=args.max_images,
         device=args.device,
+        shape_batches=args.shape_batches,
     )
     serving.run(
         args.checkpoint,
@@ -97,4 +114,5 @@ def serve(args: argparse.Namespace) -> None:
         host=args.host,
         port=args.port,
         num_cpus=args.num_cpus,
+        metrics_port=args.metrics_port,
     )

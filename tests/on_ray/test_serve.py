@@ -1,16 +1,19 @@
 """`python -m on_ray serve` for real: the command started once for the module (a local Ray with
-2 CPUs, Serve on a free loopback port), real HTTP, and the page in Debian's headless chromium."""
+2 CPUs, Serve on a free loopback port), real HTTP, and the page in Debian's headless chromium.
+
+Batching is made observable without depending on timing: several images of one request are
+handed to the batch at once (one batch, whatever the machine's load), and concurrent requests
+start together behind a barrier, well inside the test server's long batch window."""
 
 from __future__ import annotations
 
 import io
 import json
+import os
 import signal
-import socket
 import subprocess
 import sys
 import time
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -18,7 +21,18 @@ import PIL.Image
 import pytest
 import requests
 
+from on_ray.serve_http import QUERY_KEYS
 from tests.conftest import TINY_SYNTHETIC
+from tests.on_ray.serve_client import (
+    assert_same_detections,
+    free_port,
+    png,
+    post,
+    post_many,
+    predict_here,
+    scrape,
+    together,
+)
 
 REPO = Path(__file__).resolve().parents[2]
 CHROMIUM = Path("/usr/bin/chromium")
@@ -27,21 +41,9 @@ CHROMIUM_ARGS = [
     "--disable-background-networking", "--disable-component-update", "--disable-sync",
 ]  # fmt: skip
 # A long batch wait: requests sent together are batched together, so the tests can tell.
-SERVER_ARGS = ["--num-cpus", "2", "--max-batch-size", "8", "--batch-wait-ms", "300"]
+SERVER_ARGS = ["--num-cpus", "2", "--max-batch-size", "8", "--batch-wait-ms", "500"]
 SERVER_ARGS += ["--max-image-bytes", "300000", "--max-image-pixels", "1000000"]
 pytestmark = pytest.mark.slow
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-def png(array: np.ndarray) -> bytes:
-    buffer = io.BytesIO()
-    PIL.Image.fromarray(array).save(buffer, format="PNG")
-    return buffer.getvalue()
 
 
 @pytest.fixture(scope="module")
@@ -71,14 +73,22 @@ def checkpoint(trained_maskrcnn: Path) -> Path:
 
 
 @pytest.fixture(scope="module")
-def server(checkpoint: Path, tmp_path_factory: pytest.TempPathFactory):
+def metrics_port() -> int:
+    return free_port()
+
+
+@pytest.fixture(scope="module")
+def server(checkpoint: Path, metrics_port: int, tmp_path_factory: pytest.TempPathFactory):
     """The URL of `python -m on_ray serve CHECKPOINT`, run as a user runs it; at the end, its
     Ctrl-C must stop Serve and Ray cleanly."""
     port = free_port()
     log = tmp_path_factory.mktemp("serve") / "serve.log"
     command = [sys.executable, "-m", "on_ray", "serve", str(checkpoint), "--port", str(port)]
+    command += ["--metrics-port", str(metrics_port)]
+    # Ray reports metrics every 10 s by default; every second here, so the test waits less.
+    env = {**os.environ, "RAY_metrics_report_interval_ms": "1000"}
     with log.open("w") as out:
-        process = subprocess.Popen(command + SERVER_ARGS, cwd=REPO, stdout=out, stderr=out)
+        process = subprocess.Popen(command + SERVER_ARGS, cwd=REPO, env=env, stdout=out, stderr=out)
     url = f"http://127.0.0.1:{port}/"
     deadline = time.monotonic() + 150
     try:
@@ -96,61 +106,26 @@ def server(checkpoint: Path, tmp_path_factory: pytest.TempPathFactory):
     assert log.read_text().rstrip().endswith("Stopped."), log.read_text()[-3000:]
 
 
-def post(
-    url: str, body: bytes, query: str = "", content_type: str = "image/png"
-) -> requests.Response:
-    headers = {"Content-Type": content_type} if content_type else {}
-    return requests.post(f"{url}v1/detect{query}", data=body, headers=headers, timeout=60)
-
-
-def together(url: str, bodies: list[bytes], query: str = "") -> list[requests.Response]:
-    """The bodies posted at once (one client each)."""
-    with ThreadPoolExecutor(len(bodies)) as pool:
-        return list(pool.map(lambda body: post(url, body, query), bodies))
-
-
 def assert_good(url: str, image: Path) -> None:
     reply = post(url, image.read_bytes(), "?score_thr=0")
     assert reply.status_code == 200, reply.text
     assert reply.json()["detections"], reply.text
 
 
-def assert_same_detections(got: list[dict], expected: list[dict], name: str) -> None:
-    """The same detections: each expected one matched once by label, mask, box and score
-    within 1e-4 (a batch's floating-point sums differ from one image's in the last bits, which
-    may swap two detections of nearly equal scores)."""
-    assert len(got) == len(expected), name
-    left = list(got)
-    for want in expected:
-        match = next(
-            (d for d in left
-             if d["label"] == want["label"] and d.get("mask") == want.get("mask")
-             and np.allclose(d["bbox"], want["bbox"], atol=1e-4)
-             and abs(d["score"] - want["score"]) < 1e-4),
-            None,
-        )  # fmt: skip
-        assert match is not None, f"{name}: {want['bbox']} {want['score']} not answered"
-        left.remove(match)
-
-
 def test_answers_equal_predict(
     server: str, checkpoint: Path, images: list[Path], tmp_path: Path
 ) -> None:
     """Every image of a mixed-size batch gets what predict (batch 1) writes for it."""
-    from utils.inference.inputs import collect_inputs
-    from utils.inference.predict import find_export, predict
-
-    predict(find_export(checkpoint), collect_inputs([str(p) for p in images]), tmp_path, 1,
-            device="cpu", max_rendered=0)  # fmt: skip
+    predict_here(server, checkpoint, images, tmp_path, 1)
     index = json.loads((tmp_path / "images.json").read_text())
     ids = {Path(image["file_name"]).name: image["id"] for image in index["images"]}
     boxes = json.loads((tmp_path / "results.bbox.json").read_text())
     masks = json.loads((tmp_path / "results.segm.json").read_text())
-    replies = together(server, [p.read_bytes() for p in images], "?score_thr=0")
-    assert max(int(r.headers["X-Batch-Requests"]) for r in replies) > 1
-    for path, reply in zip(images, replies, strict=True):
-        assert reply.status_code == 200, reply.text
-        answer = reply.json()
+    reply = post_many(server, [p.read_bytes() for p in images], "?score_thr=0")
+    assert reply.status_code == 200, reply.text
+    # The images of one request go to the batch together: one batch, on any machine.
+    assert reply.headers["X-Batch-Requests"] == ",".join([str(len(images))] * len(images))
+    for path, answer in zip(images, reply.json()["results"], strict=True):
         width, height = PIL.Image.open(path).size
         assert answer["image"] == {"width": width, "height": height}
         expected = [b for b in boxes if b["image_id"] == ids[path.name]]
@@ -170,24 +145,18 @@ def test_answers_equal_predict(
 def test_an_answer_does_not_depend_on_its_batch(
     server: str, checkpoint: Path, images: list[Path], tmp_path: Path
 ) -> None:
-    """A 200 x 120 image (padded to 96 x 128) gets the same answer alone and batched with
-    128 x 128 images, which mmdet's own batching would pad it to."""
-    from utils.inference.inputs import collect_inputs
-    from utils.inference.predict import find_export, predict
-
+    """A 200 x 120 image (padded to 96 x 128) gets, bit for bit, the same answer alone and
+    batched with its twin and 128 x 128 images, which mmdet's own batching would pad it to."""
     wide = images[4].read_bytes()
     alone = post(server, wide, "?score_thr=0")
     assert alone.status_code == 200 and alone.headers["X-Batch-Requests"] == "1"
     crowd = [wide, *(p.read_bytes() for p in images[:4]), wide]
-    replies = together(server, crowd, "?score_thr=0")
-    assert int(replies[0].headers["X-Batch-Requests"]) > 1
-    assert int(replies[0].headers["X-Batch-Size"]) >= 2  # with its twin, in one forward pass
-    for reply in (replies[0], replies[-1]):
-        assert reply.json()["image"] == alone.json()["image"]
-        assert_same_detections(reply.json()["detections"], alone.json()["detections"], "wide")
+    reply = post_many(server, crowd, "?score_thr=0")
+    assert reply.headers["X-Batch-Requests"] == "6,6,6,6,6,6"  # all six in one batch
+    results = reply.json()["results"]
+    assert results[0] == alone.json() and results[-1] == alone.json()
     # The test can fail: in one padded batch with them, predict's answer for it moves.
-    inputs = collect_inputs([str(images[4]), *(str(p) for p in images[:4])])
-    predict(find_export(checkpoint), inputs, tmp_path, 5, device="cpu", max_rendered=0)
+    predict_here(server, checkpoint, [images[4], *images[:4]], tmp_path, 5)
     boxes = json.loads((tmp_path / "results.bbox.json").read_text())
     padded = [b["bbox"] for b in boxes if b["image_id"] == 0]
     served = [[x1, y1, x2 - x1, y2 - y1] for x1, y1, x2, y2 in
@@ -199,7 +168,8 @@ def test_concurrent_requests_are_batched(server: str, images: list[Path]) -> Non
     replies = together(server, [images[i % 4].read_bytes() for i in range(16)], "?masks=none")
     assert all(r.status_code == 200 for r in replies), [r.text for r in replies]
     assert all("mask" not in d for r in replies for d in r.json()["detections"])
-    assert max(int(r.headers["X-Batch-Size"]) for r in replies) > 1
+    assert max(int(r.headers["X-Batch-Requests"]) for r in replies) > 1
+    assert all(r.headers["X-Batch-Size"] == "1" for r in replies)  # a forward pass per image
 
 
 def bad_inputs(images: list[Path]) -> dict[str, tuple[bytes, str, str, int, str]]:
@@ -258,6 +228,74 @@ def test_a_request_failing_inside_a_batch_fails_alone(server: str, images: list[
     assert_good(server, images[0])
 
 
+def test_several_images_in_one_request(server: str, images: list[Path]) -> None:
+    """Answers in the order sent, each image's failure its own entry; one batch."""
+    good = [p.read_bytes() for p in images[:2]]
+    truncated = good[0][: len(good[0]) // 2]  # fails when decoded, inside the batch
+    big = png(np.random.default_rng(0).integers(0, 255, (400, 400, 3), dtype=np.uint8))
+    reply = post_many(server, [good[0], truncated, good[1], big, b"hello"], "?masks=none")
+    assert reply.status_code == 200, reply.text
+    results = reply.json()["results"]
+    assert [r.get("status") for r in results] == [None, 400, None, 413, 400], results
+    for body, result in zip(good, results[::2], strict=False):
+        assert result == post(server, body, "?masks=none").json()
+    assert "not a decodable image" in results[1]["error"] and "300000 bytes" in results[3]["error"]
+    assert reply.headers["X-Batch-Requests"] == "3,3,3,0,0"  # the three that reached the batch
+    assert reply.headers["X-Batch-Size"] == "1,0,1,0,0"
+    tiny = png(np.zeros((8, 8, 3), np.uint8))
+    reply = post_many(server, [tiny] * 17)
+    assert reply.status_code == 413 and "17 images, over the limit of 16" in reply.text
+    reply = post_many(server, good, "?draw=1")
+    assert reply.status_code == 422 and "draw=1" in reply.json()["error"]
+    assert_good(server, images[0])
+
+
+def test_openapi_and_docs(server: str) -> None:
+    spec = requests.get(f"{server}openapi.json", timeout=10).json()
+    detect = spec["paths"]["/v1/detect"]["post"]
+    assert [p["name"] for p in detect["parameters"]] == list(QUERY_KEYS)
+    assert "multipart/form-data" in detect["requestBody"]["content"]
+    assert "image/png" in detect["responses"]["200"]["content"]
+    assert "ErrorAnswer" in json.dumps(detect["responses"]["422"])
+    schemas = spec["components"]["schemas"]
+    assert {"bbox", "score", "label", "class", "mask"} <= set(schemas["Detection"]["properties"])
+    assert "Detections" in json.dumps(detect["responses"]["200"])
+    assert set(spec["paths"]) == {"/healthz", "/v1/model", "/v1/detect"}
+    docs = requests.get(f"{server}docs", timeout=10)
+    assert docs.status_code == 200 and "openapi.json" in docs.text
+
+
+def test_metrics_are_exported(server: str, metrics_port: int, images: list[Path]) -> None:
+    """Our metrics read back from Ray's Prometheus endpoint: requests by status, images per
+    batch and per forward pass, queue wait, detections per image."""
+    ok = (("route", "/v1/detect"), ("status", "200"))
+    bad = (("route", "/v1/detect"), ("status", "422"))
+    before = scrape(metrics_port)
+    reply = post_many(server, [p.read_bytes() for p in images[:3]], "?masks=none")
+    assert reply.status_code == 200
+    assert post(server, images[0].read_bytes(), "?score_thr=7").status_code == 422
+    wanted = {
+        ("ray_detector_requests_total", ok): 1,
+        ("ray_detector_requests_total", bad): 1,
+        ("ray_detector_request_seconds_count", (("route", "/v1/detect"),)): 2,
+        ("ray_detector_batch_images_count", ()): 1,
+        ("ray_detector_forward_pass_images_count", ()): 3,
+        ("ray_detector_queue_wait_seconds_count", ()): 3,
+        ("ray_detector_detections_per_image_count", ()): 3,
+    }
+    deadline = time.monotonic() + 30  # Ray exports every second (the server's environment)
+    while True:
+        after = scrape(metrics_port)
+        grown = {key: after.get(key, 0) - before.get(key, 0) for key in wanted}
+        if all(grown[key] >= n for key, n in wanted.items()) or time.monotonic() > deadline:
+            break
+        time.sleep(1)
+    assert all(grown[key] >= n for key, n in wanted.items()), grown
+    # A batch of 3 images, each in a forward pass of its own.
+    assert after[("ray_detector_batch_images_bucket", (("le", "3.0"),))] >= 1
+    assert after[("ray_detector_forward_pass_images_bucket", (("le", "1.0"),))] >= 3
+
+
 def test_drawing_model_health_and_routes(server: str, images: list[Path]) -> None:
     reply = post(server, images[0].read_bytes(), "?draw=1&score_thr=0")
     assert reply.status_code == 200 and reply.headers["Content-Type"] == "image/png"
@@ -265,7 +303,7 @@ def test_drawing_model_health_and_routes(server: str, images: list[Path]) -> Non
     model = requests.get(f"{server}v1/model", timeout=10).json()
     assert model["classes"] == ["circle", "square", "triangle"] and model["masks"]
     assert model["batches_trained"] == 2 and model["score_thr"] == 0.3
-    assert (model["max_batch_size"], model["batch_wait_ms"]) == (8, 300)
+    assert (model["max_batch_size"], model["batch_wait_ms"]) == (8, 500)
     assert requests.get(f"{server}healthz", timeout=10).json() == {"status": "ok"}
     page = requests.get(server, timeout=10)
     assert page.headers["Content-Type"].startswith("text/html")

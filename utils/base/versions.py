@@ -14,7 +14,7 @@ LOCK_FILE = Path(__file__).resolve().parents[2] / "requirements.lock"
 MMCV_VERSION = "2.1.0"
 # The packages whose combination is fragile, which every command needs (mmcv is checked last,
 # once its version is known to be right); the rest of the lock is checked by `pip check`.
-SHARED = ("torch", "torchvision", "mmengine", "mmdet", "numpy", "pycocotools")
+SHARED = ("torch", "torchvision", "mmengine", "mmdet", "numpy", "pycocotools", "hotcoco")
 # Each engine's own packages: Determined for model_def.py; Ray and the search algorithms of
 # `python -m on_ray tune` for on_ray.
 ENGINES = {"determined": ("determined",), "ray": ("ray", "hyperopt", "optuna")}

@@ -254,3 +254,15 @@ def download_object(bucket: str, name: str, target: Path, policy: RetryPolicy) -
     call_with_retries(lambda: _download(blob, target, policy.timeout), bucket, name, policy)
     stats().files_downloaded += 1
     return True
+
+
+def upload_file(path: Path, bucket: str, name: str, policy: RetryPolicy | None = None) -> None:
+    """Write the local file `path` to gs://bucket/name, with retries."""
+    policy = policy or RetryPolicy()
+    blob = get_client().bucket(bucket).blob(name)
+    call_with_retries(
+        lambda: blob.upload_from_filename(str(path), timeout=policy.timeout, retry=None),
+        bucket,
+        name,
+        policy,
+    )

@@ -1,4 +1,4 @@
-"""MMDetection's CocoMetric evaluated in memory by faster-coco-eval or pycocotools.
+"""MMDetection's CocoMetric evaluated in memory by hotcoco or pycocotools.
 
 mmdet's CocoMetric keeps doing what it does (per-image `process`, the label -> category mapping,
 the ground truth, the metric names); only the evaluation changes: the detections go to the COCO
@@ -17,6 +17,7 @@ import numpy as np
 from mmdet.evaluation import CocoMetric
 
 from utils.evaluation.curves import CocoArrays, best_f1
+from utils.evaluation.diagnostics import hotcoco_quiet
 
 # Re-exported: the mask encoding is its own module, still imported from here (tests, predict).
 from utils.evaluation.mask_rle import encode_cropped, encode_masks
@@ -35,8 +36,8 @@ __all__ = [
     "encode_masks",
 ]
 
-BACKENDS = ("faster_coco_eval", "pycocotools")
-DEFAULT_BACKEND = "faster_coco_eval"
+BACKENDS = ("hotcoco", "pycocotools")
+DEFAULT_BACKEND = "hotcoco"
 # Per-class AP by default up to this many classes (VOC's 20); `val_evaluator.classwise` decides.
 CLASSWISE_MAX_CLASSES = 20
 # mmdet's names of pycocotools' 12 statistics, in their order.
@@ -47,21 +48,23 @@ STAT_NAMES = (
 
 
 def coco_engine(backend: str) -> tuple[type, type]:
-    """The backend's (COCO, COCOeval) classes; a missing faster-coco-eval is a clear error."""
+    """The backend's (COCO, COCOeval) classes; a missing hotcoco is a clear error."""
     if backend == "pycocotools":
         from mmdet.datasets.api_wrappers import COCO, COCOeval
 
         return COCO, COCOeval
-    if backend == "faster_coco_eval":
+    if backend == "hotcoco":
         try:
-            from faster_coco_eval import COCO, COCOeval_faster
+            from hotcoco import COCOeval
+
+            from utils.evaluation.hotcoco_engine import HotcocoIndex
         except ImportError as err:
             raise ImportError(
-                "hyperparameters.coco_backend is 'faster_coco_eval' but faster-coco-eval cannot be "
-                f"imported ({err}): install it (pip install faster-coco-eval==1.8.0) or set "
-                "coco_backend: pycocotools."
+                "hyperparameters.coco_backend is 'hotcoco' but hotcoco cannot be imported "
+                f"({err}): install it (pip install hotcoco==1.3.0) or set coco_backend: "
+                "pycocotools."
             ) from err
-        return COCO, COCOeval_faster
+        return HotcocoIndex, COCOeval
     raise ValueError(f"COCO backend {backend!r} is not one of {', '.join(BACKENDS)}.")
 
 
@@ -81,11 +84,15 @@ class BackendCocoMetric(CocoMetric):
         # `iouThr == params.iouThrs`, which a list answers with one bool and fails on.
         self.iou_thrs = np.atleast_1d(np.asarray(self.iou_thrs, dtype=np.float64))
         self.coco_class, self.cocoeval_class = coco_engine(backend)
-        # Of the last evaluation, for the plots (utils/evaluation/report.py): each IoU type's
-        # arrays,
-        # and the bbox detections (the confusion matrix matches them again, class-agnostic).
+        # Of the last evaluation, for the report (utils/evaluation/report.py): each IoU type's
+        # arrays and the engine's evaluation (TIDE, calibration, the confusion matrix).
         self.arrays: dict[str, CocoArrays] = {}
-        self.bbox_detections: list[dict] = []
+        self.evals: dict[str, Any] = {}
+        # Evaluations merged from the ranks' streams (utils/evaluation/streaming.py), for the
+        # next `compute_metrics`; None for an IoU type without detections.
+        self.streamed: dict[str, Any] = {}
+        self.streamed_last: set[str] = set()  # the IoU types the last evaluation streamed
+        self.names_by_id: dict[int, str] = {}
         if self._coco_api is not None and backend != "pycocotools":
             # mmdet loaded the annotation file with pycocotools: index the same dicts again.
             self._coco_api = self.coco_class(self._coco_api.dataset)
@@ -93,15 +100,17 @@ class BackendCocoMetric(CocoMetric):
     def compute_metrics(self, results: list) -> dict[str, float]:
         if self.format_only:  # mmdet writes the result files; nothing to evaluate
             return super().compute_metrics(results)
-        gts, preds = zip(*results, strict=True)
+        gts, preds = zip(*results, strict=True) if results else ((), ())  # () if streamed
         if self._coco_api is None:  # no ann_file: mmdet's ground truth from the data samples
             with tempfile.TemporaryDirectory() as tmp:
                 path = self.gt_to_coco_json(gts, str(Path(tmp) / "results"))
                 self._coco_api = self.coco_class(path)
-        if self.cat_ids is None:
-            self.cat_ids = self._coco_api.get_cat_ids(cat_names=self.dataset_meta["classes"])
+        if self.cat_ids is None:  # pycocotools' spelling, which both engines take
+            self.cat_ids = self._coco_api.getCatIds(catNms=list(self.dataset_meta["classes"]))
         if self.img_ids is None:
-            self.img_ids = self._coco_api.get_img_ids()
+            self.img_ids = self._coco_api.getImgIds()
+        # hotcoco's `cats` builds a new dict on each access: once per evaluation.
+        self.names_by_id = {c: cat["name"] for c, cat in self._coco_api.cats.items()}
         items = self.metric_items or STAT_NAMES[:6]
         unknown = [item for item in items if item not in STAT_NAMES]
         if unknown:
@@ -111,7 +120,9 @@ class BackendCocoMetric(CocoMetric):
         if classwise is None:
             classwise = len(self.cat_ids) <= CLASSWISE_MAX_CLASSES
         metrics: dict[str, float] = {}
-        self.arrays, self.bbox_detections = {}, []
+        self.arrays, self.evals = {}, {}
+        streamed, self.streamed = self.streamed, {}
+        self.streamed_last = set(streamed)
         for metric in self.metrics:
             if metric == "proposal_fast":  # mmdet's own recall, no COCO engine involved
                 recalls = self.fast_eval_recall(preds, self.proposal_nums, self.iou_thrs)
@@ -122,8 +133,13 @@ class BackendCocoMetric(CocoMetric):
             # mmdet names proposal recall `AR@100`, bbox and segm statistics `bbox_mAP`, ...
             prefix = "" if metric == "proposal" else f"{metric}_"
             names = items if metric != "proposal" else self.metric_items or STAT_NAMES[6:]
-            detections = coco_detections(preds, self.cat_ids, iou_type)
-            if not detections:
+            if metric in streamed:
+                coco_eval = streamed[metric]
+            elif any(len(pred["labels"]) for pred in preds):
+                coco_eval = self.run_engine(preds, iou_type, use_cats=metric != "proposal")
+            else:
+                coco_eval = None
+            if coco_eval is None:
                 logger.warning("No %s detections on the validation set: its metrics are 0.", metric)
                 metrics.update({f"{prefix}{name}": 0.0 for name in names})
                 if metric != "proposal":
@@ -131,37 +147,43 @@ class BackendCocoMetric(CocoMetric):
                 if classwise and metric != "proposal":
                     metrics.update({self.class_key(metric, c): 0.0 for c in self.cat_ids})
                 continue
-            coco_eval = self.run_engine(detections, iou_type, use_cats=metric != "proposal")
             stats = coco_stats(coco_eval)
             metrics.update({f"{prefix}{n}": float(stats[STAT_NAMES.index(n)]) for n in names})
             if metric == "proposal":
                 continue
-            names_by_id = {c: self._coco_api.cats[c]["name"] for c in coco_eval.params.catIds}
-            arrays = self.arrays[metric] = CocoArrays.from_coco_eval(coco_eval, names_by_id)
+            arrays = self.arrays[metric] = CocoArrays.from_coco_eval(coco_eval, self.names_by_id)
             metrics.update(f1_metrics(metric, best_f1(arrays)))
-            if metric == "bbox":
-                self.bbox_detections = detections
+            self.evals[metric] = coco_eval
             if classwise:
                 metrics.update(self.per_class_ap(coco_eval, metric))
         return metrics
 
-    def run_engine(self, detections: list[dict], iou_type: str, use_cats: bool) -> Any:
-        """The engine run with mmdet's parameters (image and category ids, maxDets, IoUs)."""
-        coco_dt = self._coco_api.loadRes(detections)
+    def run_engine(self, preds: tuple[dict, ...], iou_type: str, use_cats: bool) -> Any:
+        """The engine run on the predictions with mmdet's parameters (image and category ids,
+        maxDets, IoUs)."""
+        if self.backend == "hotcoco":
+            from utils.evaluation.hotcoco_engine import load_results
+
+            coco_dt = load_results(self._coco_api, preds, self.cat_ids, iou_type)
+        else:
+            coco_dt = self._coco_api.loadRes(coco_detections(preds, self.cat_ids, iou_type))
         if self.backend == "pycocotools" and self.use_mp_eval:
             from mmdet.datasets.api_wrappers import COCOevalMP
 
             coco_eval = COCOevalMP(self._coco_api, coco_dt, iou_type)
         else:
             coco_eval = self.cocoeval_class(self._coco_api, coco_dt, iou_type)
-        coco_eval.params.catIds = self.cat_ids
-        coco_eval.params.imgIds = self.img_ids
-        coco_eval.params.maxDets = list(self.proposal_nums)
-        coco_eval.params.iouThrs = self.iou_thrs
-        coco_eval.params.useCats = int(use_cats)
-        coco_eval.evaluate()
-        coco_eval.accumulate()
-        coco_eval.summarize()  # the table in the log
+        params = coco_eval.params
+        params.catIds = list(self.cat_ids)
+        params.imgIds = list(self.img_ids)
+        params.maxDets = list(self.proposal_nums)
+        # pycocotools compares `iouThr == iouThrs` (an array); hotcoco stores a list.
+        params.iouThrs = self.iou_thrs if self.backend == "pycocotools" else self.iou_thrs.tolist()
+        params.useCats = int(use_cats) if self.backend == "pycocotools" else use_cats
+        with hotcoco_quiet():
+            coco_eval.evaluate()
+            coco_eval.accumulate()
+            coco_eval.summarize()  # the table in the log
         return coco_eval
 
     def per_class_ap(self, coco_eval: Any, metric: str) -> dict[str, float]:
@@ -181,7 +203,7 @@ class BackendCocoMetric(CocoMetric):
 
     def class_key(self, metric: str, cat_id: int) -> str:
         """`bbox_AP_per_class/<name>`: one group per IoU type in TensorBoard and the WebUI."""
-        return f"{metric}_AP_per_class/{self._coco_api.cats[int(cat_id)]['name']}"
+        return f"{metric}_AP_per_class/{self.names_by_id[int(cat_id)]}"
 
 
 def f1_metrics(metric: str, best: dict[str, float] | None) -> dict[str, float]:
@@ -230,7 +252,7 @@ def coco_stats(coco_eval: Any) -> np.ndarray:
     """pycocotools' 12 detection statistics from the engine's accumulated precision and recall.
 
     pycocotools takes AP@[.5:.95] at 100 detections per image and the other statistics at
-    maxDets[2]; faster-coco-eval's `summarize` takes the largest maxDets for all of them, which
+    maxDets[2]; hotcoco's `summarize` takes the largest maxDets for all of them, which
     differs on images with more than 100 detections of a class. One rule for both engines.
     """
     params = coco_eval.params

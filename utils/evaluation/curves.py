@@ -10,9 +10,8 @@ and `recall` (that of all detections). From these arrays alone, with no second p
 - precision, recall and F1 against the score threshold (IoU 0.5), per class and their mean over
   the classes, and the threshold of best mean F1 (recall is read on COCO's grid of 0.01).
 
-The confusion matrix needs what the class-aware evaluation cannot give, a detection matched to an
-object of another class: faster-coco-eval's `PreviewResults` matches the detections above a score
-threshold to the ground truth regardless of class (`confusion_matrix`).
+What needs more than these arrays (TIDE, calibration, the confusion matrix) is in
+utils/evaluation/diagnostics.py.
 """
 
 from __future__ import annotations
@@ -25,9 +24,8 @@ import numpy as np
 # Score thresholds of the stored curves, and the finer grid the best F1 is searched on.
 CURVE_THRESHOLDS = np.linspace(0.0, 1.0, 101)
 SEARCH_THRESHOLDS = np.linspace(0.0, 1.0, 1001)
-# mmdet's tools/analysis_tools/confusion_matrix.py defaults.
+# The confusion matrix's default score threshold: mmdet's tools/analysis_tools/confusion_matrix.py.
 CONFUSION_SCORE_THR = 0.3
-CONFUSION_IOU_THR = 0.5
 
 
 @dataclass
@@ -46,7 +44,7 @@ class CocoArrays:
 
     @classmethod
     def from_coco_eval(cls, coco_eval: Any, names: dict[int, str]) -> CocoArrays:
-        """Slice an accumulated COCOeval (pycocotools' or faster-coco-eval's); `names`: category
+        """Slice an accumulated COCOeval (pycocotools' or hotcoco's); `names`: category
         id -> class name."""
         params, arrays = coco_eval.params, coco_eval.eval
         area = list(params.areaRngLbl).index("all")
@@ -167,73 +165,3 @@ def _nanmean(values: np.ndarray) -> np.ndarray:
 def _listed(values: np.ndarray) -> list[float | None]:
     """JSON has no NaN: None where a precision is undefined (no detection above the threshold)."""
     return [None if np.isnan(v) else float(v) for v in values]
-
-
-def confusion_matrix(
-    ground_truth: dict[str, Any],
-    detections: list[dict[str, Any]],
-    cat_ids: list[int],
-    score_thr: float = CONFUSION_SCORE_THR,
-    iou_thr: float = CONFUSION_IOU_THR,
-) -> np.ndarray:
-    """Box counts (K + 1, K + 1): rows the object's class, columns the detection's, both in
-    `cat_ids` order, the last row and column background. Objects no detection matches count in
-    the last column (missed), detections of no object in the last row.
-
-    Matching is faster-coco-eval's `PreviewResults`: COCO's greedy one-to-one matching by score
-    at `iou_thr`, class-agnostic, of the detections scoring at least `score_thr`; every object
-    and every such detection is counted once. Crowd regions are left out (a detection on one
-    counts as background), as are objects of other categories.
-    """
-    from faster_coco_eval import COCO
-
-    categories = {c["id"]: c for c in ground_truth["categories"]}
-    wanted = set(cat_ids) & set(categories)
-    # New records with the fields matching needs: the engine adds its own keys to what it gets.
-    objects = [
-        {"id": a["id"], "image_id": a["image_id"], "category_id": a["category_id"],
-         "bbox": a["bbox"], "area": a.get("area") or a["bbox"][2] * a["bbox"][3], "iscrowd": 0}
-        for a in ground_truth["annotations"]
-        if a["category_id"] in wanted and not a.get("iscrowd")
-    ]  # fmt: skip
-    kept = [
-        {"image_id": d["image_id"], "category_id": d["category_id"], "bbox": d["bbox"],
-         "score": d["score"]}
-        for d in detections
-        if d["score"] >= score_thr
-    ]  # fmt: skip
-    size = len(cat_ids)
-    matrix = np.zeros((size + 1, size + 1), dtype=np.int64)
-    index = {cat_id: k for k, cat_id in enumerate(cat_ids)}
-    if not kept:  # every object missed; the library needs a detection to evaluate
-        for ann in objects:
-            matrix[index[ann["category_id"]], size] += 1
-        return matrix
-    images = [{"id": image["id"]} for image in ground_truth["images"]]
-    # Categories in `cat_ids` order: PreviewResults orders its rows as the ground truth's.
-    gt = COCO({"images": images, "annotations": objects, "categories": [
-        {"id": c, "name": categories[c]["name"]} for c in cat_ids
-    ]})  # fmt: skip
-    preview = _preview_results(gt, gt.loadRes(kept), iou_thr)
-    # (K, K + 2): matched pairs [object class, detection class], then per class the unmatched
-    # detections (false positives) and the unmatched objects (false negatives).
-    counts = np.rint(preview.compute_confusion_matrix()).astype(np.int64)
-    matrix[:size, :size] = counts[:, :size]
-    matrix[size, :size] = counts[:, size]
-    matrix[:size, size] = counts[:, size + 1]
-    return matrix
-
-
-def _preview_results(gt: Any, detections: Any, iou_thr: float) -> Any:
-    """faster-coco-eval's PreviewResults evaluated class-agnostic at `iou_thr`, as its
-    constructor does (`PreviewResults(gt, dt, "bbox", iou_tresh=iou_thr, useCats=False)`)
-    but without deep-copying both COCO objects first (most of its time on 5,000 images):
-    these two are built for it alone."""
-    from faster_coco_eval.extra import PreviewResults
-
-    preview = PreviewResults.__new__(PreviewResults)
-    preview.iouType, preview.min_score, preview.iou_tresh = "bbox", 0.0, iou_thr
-    preview.useCats, preview.recall_count, preview.kpt_oks_sigmas = False, 100, None
-    preview.cocoGt, preview.cocoDt, preview.eval = gt, detections, None
-    preview.evaluate()
-    return preview

@@ -3,7 +3,7 @@
 Each rank keeps the metric entries of the images it predicted, keyed by image id; `compute` merges
 the entries of all ranks, counts every image once (distributed samplers may repeat images to pad
 the last batches), and evaluates them with the config's `val_evaluator`. Its CocoMetrics are
-evaluated by faster-coco-eval, or by pycocotools (the reference), see
+evaluated by hotcoco, or by pycocotools (the reference), see
 `utils.evaluation.coco_metric`.
 """
 
@@ -32,11 +32,11 @@ COCO_ITEMS = STAT_NAMES
 
 
 def coco_backend(name: str | None) -> str:
-    """The `coco_backend` hyperparameter checked; unset: faster-coco-eval where installed."""
+    """The `coco_backend` hyperparameter checked; unset: hotcoco where installed."""
     if name is None:
-        if importlib.util.find_spec("faster_coco_eval") is not None:
+        if importlib.util.find_spec("hotcoco") is not None:
             return DEFAULT_BACKEND
-        logger.warning("faster-coco-eval is not installed: COCO metrics by pycocotools (slower).")
+        logger.warning("hotcoco is not installed: COCO metrics by pycocotools (slower).")
         return "pycocotools"
     if name not in BACKENDS:
         raise ConfigError(
@@ -48,9 +48,12 @@ def coco_backend(name: str | None) -> str:
 class CocoEvaluator:
     """Collects per-image metric entries with `update`; `compute` evaluates them once per image."""
 
-    def __init__(self, cfg: Config, backend: str | None = None) -> None:
-        """`backend`: the COCO engine of CocoMetrics (`BACKENDS`); None: the default."""
+    def __init__(self, cfg: Config, backend: str | None = None, streamed: bool = False) -> None:
+        """`backend`: the COCO engine of CocoMetrics (`BACKENDS`); None: the default.
+        `streamed`: each rank matches the images of the CocoMetrics that can be streamed as
+        they come (utils/evaluation/streaming.py); `stream_states` is then what it shares."""
         self.backend = coco_backend(backend)
+        self.streamed = streamed
         self.metrics = []
         for metric_cfg in evaluator_configs(cfg.val_evaluator):
             metric_cfg = copy.deepcopy(metric_cfg)
@@ -62,6 +65,8 @@ class CocoEvaluator:
             metric_cfg.setdefault("metric_items", list(COCO_ITEMS))
             self.metrics.append(BackendCocoMetric(backend=self.backend, **metric_cfg))
         self.entries: list[tuple[Any, list[list[Any]]]] = []
+        self.streams: dict[int, Any] = {}  # streaming.CocoStream by metric
+        self.reset()
 
     def coco_metric(self) -> BackendCocoMetric | None:
         """The first COCO metric: its last evaluation is what the evaluation plots show."""
@@ -73,9 +78,14 @@ class CocoEvaluator:
 
     def reset(self) -> None:
         self.entries = []
+        if self.streamed:  # hotcoco's alone: imported only then
+            from utils.evaluation.streaming import CocoStream, streamable
+
+            self.streams = {i: CocoStream(m) for i, m in enumerate(self.metrics) if streamable(m)}
 
     def update(self, data_samples: list[Any]) -> None:
         """Add the predictions (DetDataSample with `pred_instances`) of one batch."""
+        batch: dict[int, list[Any]] = {index: [] for index in self.streams}
         for sample in data_samples:
             output = sample.to_dict()
             pred = output["pred_instances"]
@@ -83,17 +93,32 @@ class CocoEvaluator:
                 # Once for all metrics and in one call: the metrics take encoded masks as they are.
                 pred["masks"] = encode_masks(pred["masks"].detach())
             per_metric = []
-            for metric in self.metrics:
+            for index, metric in enumerate(self.metrics):
                 metric.process({}, [output])
-                per_metric.append(metric.results)
+                if index in self.streams:  # matched below, with the rest of the batch
+                    batch[index] += metric.results
+                    per_metric.append([])
+                else:
+                    per_metric.append(metric.results)
                 metric.results = []
             # COCO ids are ints, VOC ids file names: keep them as the dataset gives them.
             self.entries.append((output["img_id"], per_metric))
+        for index, results in batch.items():
+            self.streams[index].add(results)
+
+    def stream_states(self) -> dict[int, dict[str, Any]]:
+        """This rank's streamed evaluations, by metric (empty unless `streamed`)."""
+        return {index: stream.state() for index, stream in self.streams.items()}
 
     def compute(
-        self, entries_per_rank: list[list[tuple[int, list[list[Any]]]]]
+        self,
+        entries_per_rank: list[list[tuple[int, list[list[Any]]]]],
+        states_per_rank: list[dict[int, dict[str, Any]]] | None = None,
     ) -> dict[str, float]:
-        """Evaluate the union of the ranks' entries, each image once; returns flat float metrics."""
+        """Evaluate the union of the ranks' entries, each image once, and merge the ranks'
+        streamed evaluations (`stream_states`); returns flat float metrics."""
+        for index, stream in self.streams.items():
+            stream.finish([states[index] for states in states_per_rank or []])
         by_image = {}
         for entries in entries_per_rank:
             for img_id, per_metric in entries:

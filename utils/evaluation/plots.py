@@ -3,7 +3,9 @@
 Each figure draws on its own Agg canvas (no pyplot, no display, no global state), small: about
 800 px wide. Per IoU type: `<task>_pr_curves` (IoU 0.5 and 0.5:0.95, each class with its AP and
 all classes), `<task>_threshold_curves` (precision, recall and F1 against the score threshold,
-the best-F1 threshold marked); for boxes `bbox_confusion_matrix` (counts and row-normalised).
+the best-F1 threshold marked), `<task>_errors` (TIDE's AP50 cost of each error type, and the
+reliability diagram of the scores); for boxes `bbox_confusion_matrix` (counts and
+row-normalised).
 """
 
 from __future__ import annotations
@@ -14,6 +16,8 @@ import numpy as np
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 from matplotlib.ticker import FixedFormatter, FixedLocator, NullLocator
+
+from utils.evaluation.diagnostics import TIDE_LABELS
 
 DPI = 80
 # Up to this many classes each gets a coloured, labelled curve; beyond, thin grey ones.
@@ -30,6 +34,8 @@ def draw_report(report: dict[str, Any]) -> dict[str, np.ndarray]:
     for task, data in report["tasks"].items():
         drawings[f"{task}_pr_curves"] = draw_pr_curves(task, data["pr_curves"])
         drawings[f"{task}_threshold_curves"] = draw_threshold_curves(task, data["threshold_curves"])
+        if "tide" in data:
+            drawings[f"{task}_errors"] = draw_errors(task, data["tide"], data["calibration"])
     if "confusion_matrix" in report:
         drawings["bbox_confusion_matrix"] = draw_confusion_matrix(report["confusion_matrix"])
     return drawings
@@ -162,4 +168,46 @@ def draw_confusion_matrix(matrix: dict[str, Any]) -> np.ndarray:
                         fontsize=font,
                         color="white" if value > top / 2 else "black",
                     )
+    return _image(figure)
+
+
+def draw_errors(task: str, tide: dict[str, Any], calibration: dict[str, Any]) -> np.ndarray:
+    """TIDE: the AP50 each error type costs, with its count; and the reliability diagram: each
+    score bin's share of true positives against its mean score, the diagonal perfect."""
+    figure, (errors, reliability) = _figure(10, 3.8, 2, (0.9, 0.5))
+    names = list(TIDE_LABELS)
+    costs = [tide["delta_ap"][name] for name in names]
+    colours = [ALL_COLOUR] * 6 + ["0.55"] * 2  # the error types, then the two totals
+    positions = np.arange(len(names))[::-1]
+    errors.barh(positions, costs, color=colours, height=0.7)
+    errors.set_yticks(positions, [TIDE_LABELS[name] for name in names], fontsize=8)
+    errors.yaxis.set_minor_locator(NullLocator())
+    top = max(max(costs), 0.01)
+    errors.set_xlim(0, top * 1.3)
+    for position, name, cost in zip(positions, names, costs, strict=True):
+        count = tide["counts"].get(name)
+        label = f"{cost:.3f}" + (f" ({count})" if count is not None else "")
+        errors.text(cost + top * 0.01, position, label, va="center", fontsize=7)
+    errors.set_xlabel("AP50 gained if fixed", labelpad=1)
+    errors.grid(alpha=0.3, axis="x")
+    errors.set_title(f"{task} TIDE errors, AP50 {tide['ap50']:.3f}", fontsize=10)
+
+    bins = [b for b in calibration["bins"] if b["count"]]
+    centres = [(b["lower"] + b["upper"]) / 2 for b in bins]
+    width = calibration["bins"][0]["upper"] - calibration["bins"][0]["lower"]
+    reliability.bar(
+        centres, [b["accuracy"] for b in bins], width=width * 0.9, color=ALL_COLOUR,
+        label="true positives",
+    )  # fmt: skip
+    reliability.plot(
+        [b["confidence"] for b in bins], [b["accuracy"] for b in bins], "o", color=BEST_COLOUR,
+        markersize=3, label="at the mean score",
+    )  # fmt: skip
+    reliability.plot([0, 1], [0, 1], "--", color="0.4", linewidth=1, label="calibrated")
+    _unit_axes(reliability, "score", f"share true at IoU {calibration['iou_thr']:g}")
+    reliability.legend(loc="upper left", fontsize=7)
+    reliability.set_title(
+        f"{task} calibration: ECE {calibration['ece']:.3f}, {calibration['detections']} detections",
+        fontsize=10,
+    )
     return _image(figure)

@@ -1,12 +1,12 @@
 """The evaluation report of a validation or test split: the numbers behind the plots, the tables.
 
-`evaluation_report` builds it on the chief from the COCO metric that has just evaluated (its
-arrays, no second evaluation pass; utils/evaluation/curves.py): per IoU type the precision-recall
-curves, precision/recall/F1 against the score threshold with the best-F1 threshold, per-class AP;
-for boxes the confusion matrix. `save_report` writes it as `report.json` with the plots
-(utils/evaluation/plots.py) into a folder, `evaluation/` of a checkpoint or of the evaluate
-command's
-output; `report_lines` and `coco_table` are what a console shows.
+`evaluation_report` builds it on the chief from the COCO evaluation that has just run (no second
+pass): per IoU type the precision-recall curves, precision/recall/F1 against the score threshold
+with the best-F1 threshold, per-class AP (utils/evaluation/curves.py), TIDE's error breakdown and
+the calibration; for boxes the confusion matrix (utils/evaluation/diagnostics.py). `save_report`
+writes it as `report.json` with the plots (utils/evaluation/plots.py) into a folder,
+`evaluation/` of a checkpoint or of the evaluate command's output; `report_lines` and
+`coco_table` are what a console shows.
 """
 
 from __future__ import annotations
@@ -20,13 +20,8 @@ import numpy as np
 
 from utils.base.errors import ConfigError
 from utils.evaluation.coco_metric import STAT_NAMES, BackendCocoMetric
-from utils.evaluation.curves import (
-    CONFUSION_IOU_THR,
-    CONFUSION_SCORE_THR,
-    confusion_matrix,
-    pr_curves,
-    threshold_curves,
-)
+from utils.evaluation.curves import CONFUSION_SCORE_THR, pr_curves, threshold_curves
+from utils.evaluation.diagnostics import TIDE_LABELS, calibration, confusion_matrix, tide
 from utils.evaluation.drawings import save_pngs
 
 logger = logging.getLogger(__name__)
@@ -66,11 +61,7 @@ def evaluation_report(
     detections). `score_thr`: the confusion matrix's (detections scoring at least it)."""
     if not metric.arrays:
         return None
-    ground_truth = metric._coco_api.dataset
-    instances: dict[int, int] = {}
-    for ann in ground_truth["annotations"]:
-        if not ann.get("iscrowd"):
-            instances[ann["category_id"]] = instances.get(ann["category_id"], 0) + 1
+    coco = metric._coco_api
     report: dict[str, Any] = {"tasks": {}}
     for task, arrays in metric.arrays.items():
         curves = pr_curves(arrays)
@@ -78,7 +69,7 @@ def evaluation_report(
         for name, cat_id in zip(arrays.classes, arrays.cat_ids, strict=True):
             missing = {"ap": -1.0}  # no objects of the class: -1 as COCO's per-class AP
             per_class[name] = {
-                "instances": instances.get(cat_id, 0),
+                "instances": len(coco.getAnnIds(catIds=[cat_id], iscrowd=0)),
                 "AP": curves["0.5:0.95"]["classes"].get(name, missing)["ap"],
                 "AP50": curves["0.5"]["classes"].get(name, missing)["ap"],
             }
@@ -87,15 +78,12 @@ def evaluation_report(
             "threshold_curves": threshold_curves(arrays),
             "per_class": per_class,
         }
-    boxes = metric.arrays.get("bbox")
-    if boxes is not None:
-        matrix = confusion_matrix(ground_truth, metric.bbox_detections, boxes.cat_ids, score_thr)
-        report["confusion_matrix"] = {
-            "classes": [*boxes.classes, "background"],
-            "score_thr": score_thr,
-            "iou_thr": CONFUSION_IOU_THR,
-            "counts": matrix.tolist(),
-        }
+        # A streamed evaluation holds matches only: these need every detection.
+        if task not in metric.streamed_last:
+            report["tasks"][task]["tide"] = tide(metric.evals[task])
+            report["tasks"][task]["calibration"] = calibration(metric.evals[task])
+    if "bbox" in metric.evals and "bbox" not in metric.streamed_last:
+        report["confusion_matrix"] = confusion_matrix(metric.evals["bbox"], score_thr)
     return report
 
 
@@ -103,9 +91,10 @@ def save_report(
     report: dict[str, Any], drawings: dict[str, np.ndarray], folder: Path
 ) -> list[Path]:
     """Write `folder/report.json` and each drawing as `folder/<name>.png`."""
-    paths = save_pngs(drawings, folder)
+    text = json.dumps(_rounded(report))
+    paths = save_pngs(drawings, folder)  # makes the folder
     path = folder / REPORT_FILE
-    path.write_text(json.dumps(_rounded(report)))
+    path.write_text(text)
     return [*paths, path]
 
 
@@ -154,4 +143,30 @@ def report_lines(report: dict[str, Any]) -> list[str]:
             f"(precision {best['precision']:.3f}, recall {best['recall']:.3f}, IoU 0.5, mean "
             "over classes)"
         )
+    return [*lines, *tide_lines(report)]
+
+
+def tide_lines(report: dict[str, Any]) -> list[str]:
+    """TIDE's table, one column per IoU type: AP50 and the AP50 each error type costs (with its
+    count), then the calibration error."""
+    tasks = [task for task in report["tasks"] if "tide" in report["tasks"][task]]
+    if not tasks:
+        return []
+    lines = ["TIDE errors at IoU 0.5: the AP50 gained by fixing each type (how many there are)"]
+    lines.append(f"{'':<12}" + "".join(f"{task:>16}" for task in tasks))
+    lines.append(
+        f"{'AP50':<12}" + "".join(f"{report['tasks'][t]['tide']['ap50']:>16.3f}" for t in tasks)
+    )
+    for error, name in TIDE_LABELS.items():
+        cells = ""
+        for task in tasks:
+            errors = report["tasks"][task]["tide"]
+            count = errors["counts"].get(error)
+            cell = f"{errors['delta_ap'][error]:.3f}" + (f" ({count})" if count is not None else "")
+            cells += f"{cell:>16}"
+        lines.append(f"{name:<12}{cells}")
+    lines.append(
+        f"{'ECE':<12}"
+        + "".join(f"{report['tasks'][t]['calibration']['ece']:>16.3f}" for t in tasks)
+    )
     return lines

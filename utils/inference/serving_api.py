@@ -16,10 +16,16 @@ class Settings:
 
     score_thr: float = 0.3
     max_batch_size: int = 8
-    batch_wait_ms: float = 10.0
+    batch_wait_ms: float = 0.0  # images that arrive while a batch runs form the next one
     max_image_bytes: int = 20 * 1024 * 1024
     max_image_pixels: int = 40_000_000
+    max_images: int = 16  # per request (the repeated multipart field `image`)
     device: str | None = None  # None: CUDA when the replica has a GPU, else the CPU
+    # False: one forward pass per image, so an answer is bit for bit the image's answer alone
+    # (a batched pass rounds differently on some CPUs and GPUs, and at low thresholds that
+    # changes which near-equal proposals survive). True: one pass per padded shape, faster
+    # on a GPU, answers equal to an image's alone only up to that rounding.
+    shape_batches: bool = False
 
 
 class ApiError(Exception):
@@ -48,15 +54,17 @@ class Request:
 
     body: bytes
     options: Options
+    queued: float = 0.0  # time.perf_counter() when it was handed to the batch
 
 
 @dataclass
 class Outcome:
     """A request's answer (JSON-ready dict, or PNG bytes when drawn) or its error; with the
-    number of images in its forward pass and of requests in its batch."""
+    number of images in its forward pass and in its batch, and of its detections."""
 
     answer: dict[str, Any] | None = None
     png: bytes | None = None
     error: ApiError | None = None
     forward_batch: int = 0
     batch_requests: int = 0
+    detections: int = 0

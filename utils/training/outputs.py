@@ -11,7 +11,7 @@ tags, the checkpoint folder):
                                   2. the evaluation report and plots, from the evaluation that
                                      has just run (no second pass)
                                   3. metrics.jsonl, TensorBoard, MLflow
-    checkpoint(folder)          1. the mmdet export, 2. the drawings, 3. the report and plots:
+    checkpoint(folder)          1. the mmdet export, 2. the report and plots, 3. the drawings:
                                 then 4. MLflow logs the folder, whose files now all exist
     ended(status)               MLflow: the last export uploaded, the run ended
 
@@ -171,10 +171,10 @@ class RunOutputs:
         export.write_export(
             folder / export.EXPORT_DIR, weights, session.cfg, meta, session.batches_trained
         )
-        if self.drawings:
-            save_pngs(self.drawings, folder / "predictions")
         if self.report is not None:
             save_report(self.report, self.plots, folder / REPORT_DIR)
+        if self.drawings:
+            save_pngs(self.drawings, folder / "predictions")
         if self.mlflow is not None:  # it also names the run in the checkpoint (RUN_FILE)
             self.mlflow.log_checkpoint(folder, step=session.batches_trained)
 

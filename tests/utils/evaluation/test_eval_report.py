@@ -1,8 +1,8 @@
 """The evaluation plots' numbers against the COCO references, and the plots themselves.
 
 A generated validation set (bench.coco_data: crowd regions, wrong classes, false positives, an
-image with more than 100 detections of a class) evaluated by our evaluator; pycocotools and
-faster-coco-eval's own extended metrics are the references.
+image with more than 100 detections of a class) evaluated by our evaluator; pycocotools' arrays
+and per-image matches are the references.
 """
 
 from __future__ import annotations
@@ -22,6 +22,7 @@ from pycocotools.cocoeval import COCOeval
 from bench.coco_data import CATEGORY_IDS, CLASSES, generate, to_samples
 from utils.base.errors import ConfigError
 from utils.check.experiment import hparam_problems
+from utils.evaluation.coco_metric import coco_detections
 from utils.evaluation.curves import SEARCH_THRESHOLDS, _per_class_at
 from utils.evaluation.evaluator import CocoEvaluator
 from utils.evaluation.plots import draw_confusion_matrix, draw_report
@@ -40,25 +41,27 @@ def evaluated(tmp_path_factory: pytest.TempPathFactory) -> dict:
     ann_file = tmp_path_factory.mktemp("generated") / "instances_val.json"
     ann_file.write_text(json.dumps(data.gt))
     config = {"type": "CocoMetric", "ann_file": str(ann_file), "metric": ["bbox", "segm"]}
-    evaluator = CocoEvaluator(Config({"val_evaluator": config}), backend="faster_coco_eval")
+    evaluator = CocoEvaluator(Config({"val_evaluator": config}), backend="hotcoco")
     evaluator.set_dataset_meta({"classes": CLASSES})
     evaluator.update(to_samples(data.predictions, with_masks=True))
     with contextlib.redirect_stdout(io.StringIO()):
         metrics = evaluator.compute([evaluator.entries])
     metric = evaluator.coco_metric()
+    predictions = tuple(data.predictions)
     return {
         "metrics": metrics,
         "metric": metric,
         "report": evaluation_report(metric, SCORE_THR),
         "ann_file": ann_file,
-        "detections": metric.bbox_detections,
+        "detections": coco_detections(predictions, list(CATEGORY_IDS), "bbox"),
     }
 
 
 def reference(ann_file: Path, detections: list[dict], iou_type: str = "bbox") -> COCOeval:
     """pycocotools' evaluation of the same detections, with mmdet's maxDets."""
     coco = COCO(str(ann_file))
-    records = [{k: d[k] for k in ("image_id", "category_id", "bbox", "score")} for d in detections]
+    field = "segmentation" if iou_type == "segm" else "bbox"
+    records = [{k: d[k] for k in ("image_id", "category_id", field, "score")} for d in detections]
     with contextlib.redirect_stdout(io.StringIO()):
         coco_eval = COCOeval(coco, coco.loadRes(records), iou_type)
         coco_eval.params.maxDets = [100, 300, 1000]
@@ -215,7 +218,8 @@ def test_confusion_matrix_counts_every_object_and_detection_once(evaluated: dict
 def test_plots_decode_and_the_numbers_are_saved(evaluated: dict, tmp_path: Path) -> None:
     report = evaluated["report"]
     drawings = draw_report(report)
-    names = {f"{t}_{p}" for t in ("bbox", "segm") for p in ("pr_curves", "threshold_curves")}
+    plots = ("pr_curves", "threshold_curves", "errors")
+    names = {f"{t}_{p}" for t in ("bbox", "segm") for p in plots}
     assert set(drawings) == names | {"bbox_confusion_matrix"}
     paths = save_report(report, drawings, tmp_path / "evaluation")
     for name, drawing in drawings.items():
@@ -232,6 +236,12 @@ def test_plots_decode_and_the_numbers_are_saved(evaluated: dict, tmp_path: Path)
     lines = report_lines(report)
     assert lines[0].split()[:3] == ["class", "objects", "bbox"]
     assert any(line.startswith("bbox: best F1 ") for line in lines)
+    # TIDE's table after the per-class AP: a row per error type, one column per IoU type.
+    table = lines[lines.index(next(line for line in lines if line.startswith("TIDE"))) :]
+    assert table[1].split() == ["bbox", "segm"] and table[-1].split()[0] == "ECE"
+    cost = report["tasks"]["segm"]["tide"]["delta_ap"]["Cls"]
+    count = report["tasks"]["segm"]["tide"]["counts"]["Cls"]
+    assert table[3].split()[0] == "class" and table[3].endswith(f"{cost:.3f} ({count})")
 
 
 def test_many_classes_draw_without_labels() -> None:
@@ -247,7 +257,7 @@ def test_many_classes_draw_without_labels() -> None:
 
 def test_no_detections_give_zero_f1_and_no_report(evaluated: dict) -> None:
     config = {"type": "CocoMetric", "ann_file": str(evaluated["ann_file"]), "metric": "bbox"}
-    evaluator = CocoEvaluator(Config({"val_evaluator": config}), backend="faster_coco_eval")
+    evaluator = CocoEvaluator(Config({"val_evaluator": config}), backend="hotcoco")
     evaluator.set_dataset_meta({"classes": CLASSES})
     records = generate(3).predictions
     for record in records:

@@ -107,7 +107,7 @@ def test_all_twelve_statistics_match_pycocotools(evaluator_and_gt: tuple) -> Non
         expected = pycocotools_stats(coco, samples, iou_type)
         got = [metrics[f"{iou_type}_{item}".replace("@", "_")] for item in COCO_ITEMS]
         assert 0.2 < got[0] < 0.95  # a non-trivial result, neither empty nor perfect
-        assert got == pytest.approx(expected.tolist(), abs=1e-4)  # unrounded, unlike mmdet's
+        assert got == pytest.approx(expected.tolist(), abs=1e-12)  # unrounded, unlike mmdet's
 
 
 def test_each_image_counts_once_across_ranks(evaluator_and_gt: tuple) -> None:

@@ -8,6 +8,7 @@ so only predicting in the validation's batches gives validation's numbers.
 from __future__ import annotations
 
 import json
+import re
 import shutil
 from pathlib import Path
 
@@ -23,7 +24,7 @@ from utils.data import synthetic
 CONFIG = "configs/synthetic/maskrcnn_r18_fpn_synthetic.py"
 SIZES = ((128, 128), (160, 96), (96, 144), (200, 120))  # width, height
 PLOTS = ("bbox_pr_curves", "bbox_threshold_curves", "segm_pr_curves", "segm_threshold_curves")
-PLOTS += ("bbox_confusion_matrix",)
+PLOTS += ("bbox_errors", "segm_errors", "bbox_confusion_matrix")
 STATS = ("mAP", "mAP_50", "mAP_75", "mAP_s", "mAP_m", "mAP_l", "AR_100", "AR_300", "AR_1000")
 STATS += ("AR_s_1000", "AR_m_1000", "AR_l_1000")
 
@@ -115,6 +116,9 @@ def test_evaluate_writes_results_plots_and_tables(
     printed = capsys.readouterr().out
     assert "Evaluated 8 images" in printed and "in batches of 8" in printed
     assert "mAP_50" in printed and "circle" in printed and "bbox: best F1" in printed
+    # TIDE's table, after the COCO table: a row per error type, a column per IoU type.
+    assert printed.index("TIDE errors") > printed.index("mAP_50")
+    assert re.search(r"\nmissed +\d\.\d{3} \(\d+\) +\d\.\d{3} \(\d+\)\n", printed)
     record = json.loads((out / "metrics.json").read_text())
     assert record["split"] == "holdout" and record["batches"] == 2
     assert record["metrics"] == result["metrics"]
@@ -128,6 +132,9 @@ def test_evaluate_writes_results_plots_and_tables(
     objects = len(json.loads(run["ann_file"].read_text())["annotations"])
     counts = np.array(report["confusion_matrix"]["counts"])
     assert counts[:-1].sum() == objects
+    tide = report["tasks"]["bbox"]["tide"]
+    assert tide["ap50"] == pytest.approx(result["metrics"]["bbox_mAP_50"], abs=1e-6)
+    assert report["tasks"]["segm"]["calibration"]["detections"] > 0
     assert len(list((out / "images").iterdir())) == 2
     assert (out / "results.segm.json").is_file() and (out / "images.json").is_file()
 

@@ -121,7 +121,7 @@ def test_coco_settings_the_engine_cannot_compute_are_named() -> None:
     assert problems(metric="proposal_fast", proposal_nums=[10, 20]) == []
 
 
-@pytest.mark.parametrize("backend", ["faster_coco_eval", "pycocotools"])
+@pytest.mark.parametrize("backend", ["hotcoco", "pycocotools"])
 def test_iou_thresholds_given_as_a_list_are_computed(tmp_path: Path, backend: str) -> None:
     """A config's list of thresholds crashed both engines (`iouThr == list` is one bool)."""
     from bench.coco_data import CLASSES, generate, to_samples

@@ -1,0 +1,125 @@
+"""Ray Tune trials of several workers (`resources.slots_per_trial` > 1) on a real local Ray,
+started once for the module: each trial runs a `TorchTrainer` of its own (Ray's way for Train
+inside Tune), its workers share the cluster's CPUs, ASHA gets the searcher metric, and the
+checkpoints are the trainer's; more slots than the cluster has is an error before any trial."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import REPO, SGD_SETS
+from tests.local_runs import DATA, TOY
+from utils.base.errors import ConfigError, ExperimentError
+
+ray = pytest.importorskip("ray")
+from ray.tune.integration.ray_train import CHECKPOINT_PATH_KEY  # noqa: E402
+
+from on_ray import cluster, state  # noqa: E402
+from on_ray.tune import tune_search  # noqa: E402
+
+pytestmark = pytest.mark.slow
+DEMO = str(REPO / "experiments" / "demo.yaml")
+# 4 logical CPUs on this 2-core machine: both trials' 2 workers at once, one CPU each.
+CPUS = 4
+
+
+@pytest.fixture(scope="module", autouse=True)
+def local_ray() -> None:
+    ray.init(
+        num_cpus=CPUS,
+        # Ray Train's placement-group cleaner asks the dashboard's state API whether a trial's
+        # trainer is still alive: without it, a trial that ASHA stops keeps its CPUs for good.
+        include_dashboard=True,
+        object_store_memory=100 * 1024 * 1024,
+        logging_level="WARNING",
+    )
+    yield
+    ray.shutdown()
+
+
+def search_overrides(cache: Path, slots: int) -> list[str]:
+    """Four trials of the toy detector, 4 images a batch and a validation after each batch, one
+    trial at a time (which trial ASHA stops depends on the order of their reports: the same in
+    every run only so); rungs at 1, 2 and 4 batches."""
+    data = {**DATA, "num_train": 4, "num_val": 4}  # one batch an epoch
+    return [
+        f"hyperparameters.config_file={TOY}",
+        "hyperparameters.global_batch_size=4",
+        "hyperparameters.override_mmdet_config="
+        '{"train_cfg.val_interval": 1, "param_scheduler": []}',
+        f"data.cache_dir={cache}",
+        f"data.synthetic={json.dumps(data)}",
+        *SGD_SETS,
+        "hyperparameters.lr={type: log, base: 10, minval: -3, maxval: -0.5}",
+        "hyperparameters.visualization={num_images: 0}",
+        "searcher={name: adaptive_asha, metric: bbox_mAP, smaller_is_better: false, "
+        "time_metric: batches, max_time: 4, max_trials: 4, max_rungs: 3, divisor: 2, "
+        "mode: aggressive, max_concurrent_trials: 1}",
+        f"resources.slots_per_trial={slots}",
+        "max_restarts=0",
+    ]
+
+
+def test_trials_share_the_cpus_among_all_their_workers() -> None:
+    """As many trials at once as the CPUs hold (at most the search's), their workers' shares
+    equal; a trial that starts a trainer reserves no CPU, one that trains itself its share."""
+    assert cluster.trial_resources(2, False, 2) == (2, {"CPU": 1}, cluster.TRIAL_DRIVER)
+    assert cluster.trial_resources(2, False, 1) == (1, {"CPU": 2}, cluster.TRIAL_DRIVER)
+    assert cluster.trial_resources(2, False, 8) == (2, {"CPU": 1}, cluster.TRIAL_DRIVER)
+    assert cluster.trial_resources(1, False, 2) == (2, {"CPU": 2}, {"CPU": 2})
+    assert cluster.trial_resources(3, False, 2) == (1, {"CPU": 1}, cluster.TRIAL_DRIVER)
+    assert cluster.TRIAL_DRIVER["CPU"] == 0
+
+
+def test_a_search_trains_each_trial_on_its_workers(tmp_path: Path, synthetic_cache: Path) -> None:
+    # Seed 10: HyperOpt's first two points are a high LR (0.11), then a low one (0.003), which
+    # has trained worse by the second rung (tests/on_ray/test_ray.py, on one worker).
+    sets = search_overrides(synthetic_cache, 2)
+    results = tune_search(DEMO, sets, search_alg="hyperopt", output=tmp_path, seed=10)
+    assert len(results) == 4 and not results.errors
+    lengths = []
+    for result in results:
+        metrics = result.metrics
+        assert isinstance(metrics["bbox_mAP"], float)  # the searcher metric, for ASHA
+        batches = int(metrics["batches"])
+        lengths.append(batches)
+        # The trainer's checkpoints, in the trial's folder: one a validation, each written by
+        # both workers (a rank's random generators come from that rank). The workers do not
+        # wait for Tune: one that ASHA stops may have written the next before it ends.
+        last = Path(metrics[CHECKPOINT_PATH_KEY])
+        assert last.is_relative_to(result.path), (last, result.path)
+        assert state.batches_of(last) == batches
+        written = sorted(p for p in last.parent.glob("checkpoint_*") if p.is_dir())
+        assert [state.batches_of(p) for p in written][:batches] == list(range(1, batches + 1))
+        for checkpoint in written:
+            ranks = sorted(p.name for p in (checkpoint / state.RNG_DIR).iterdir())
+            assert ranks == ["rank_0.pth", "rank_1.pth"], checkpoint
+            assert (checkpoint / state.STATE_FILE).is_file()
+            assert (checkpoint / "mmdet" / "model.pth").is_file()
+    # The first trial goes on to the end; ASHA stops a later one at a lower rung.
+    assert sorted(lengths)[-1] == 4 and sorted(lengths)[0] < 4, lengths
+
+
+def test_more_slots_than_cpus_is_an_error_before_any_trial(
+    tmp_path: Path, synthetic_cache: Path
+) -> None:
+    sets = [*search_overrides(synthetic_cache, 8), "hyperparameters.global_batch_size=8"]
+    with pytest.raises(ExperimentError) as error:
+        tune_search(DEMO, sets, output=tmp_path)
+    message = str(error.value)
+    assert "\n" not in message
+    assert message.startswith(f"resources.slots_per_trial is 8, but Ray sees {CPUS} CPUs"), message
+    assert not (tmp_path / "ray").exists()  # no trial started
+
+
+def test_a_searcher_metric_no_validation_reports_is_refused_before_any_trial(
+    tmp_path: Path, synthetic_cache: Path
+) -> None:
+    sets = search_overrides(synthetic_cache, 2)
+    sets = [s.replace("metric: bbox_mAP", "metric: bbox_mAp") for s in sets]
+    with pytest.raises(ConfigError, match=r"searcher.metric 'bbox_mAp' .* Did you mean bbox_mAP\?"):
+        tune_search(DEMO, sets, output=tmp_path)
+    assert not (tmp_path / "ray").exists()  # no trial started

@@ -1,0 +1,120 @@
+"""Streamed evaluation over ranks: each rank's hotcoco stream, merged on the chief, against
+pycocotools on the hard cases of the generated set (crowd regions, category ids with gaps,
+images without annotations or predictions, an image with more than 100 detections of a class)."""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import json
+import pickle
+
+import numpy as np
+import pytest
+from mmdet.utils import register_all_modules
+from mmengine.config import Config
+from pycocotools import mask as mask_utils
+from pycocotools.coco import COCO
+from pycocotools.cocoeval import COCOeval
+
+from bench.coco_data import CATEGORY_IDS, CLASSES, generate, to_samples
+from utils.evaluation.evaluator import COCO_ITEMS, CocoEvaluator
+from utils.evaluation.report import evaluation_report
+
+BATCH = 8
+
+
+@pytest.fixture(scope="module")
+def generated(tmp_path_factory: pytest.TempPathFactory) -> tuple[str, list]:
+    register_all_modules(init_default_scope=True)
+    data = generate(60, image_size=128, seed=3)
+    ann_file = tmp_path_factory.mktemp("coco") / "instances_val.json"
+    ann_file.write_text(json.dumps(data.gt))
+    return str(ann_file), data.predictions
+
+
+def reference(ann_file: str, records: list, iou_type: str) -> COCOeval:
+    """pycocotools on its own, with mmdet's maxDets, from the records' boxes or masks."""
+    gt = COCO(ann_file)
+    results = []
+    for record in records:
+        for box, score, label, mask in zip(
+            record["bboxes"].tolist(), record["scores"].tolist(), record["labels"].tolist(),
+            record["masks"], strict=True,
+        ):  # fmt: skip
+            result = {"image_id": record["img_id"], "category_id": CATEGORY_IDS[label]}
+            result["score"] = score
+            if iou_type == "bbox":
+                result["bbox"] = [box[0], box[1], box[2] - box[0], box[3] - box[1]]
+            else:  # decoded and encoded again by pycocotools, as its own user would
+                result["segmentation"] = mask_utils.encode(mask_utils.decode(mask))
+            results.append(result)
+    coco_eval = COCOeval(gt, gt.loadRes(results), iou_type)
+    coco_eval.params.maxDets = [100, 300, 1000]
+    coco_eval.evaluate()
+    coco_eval.accumulate()
+    coco_eval.summarize()
+    return coco_eval
+
+
+def rank(ann_file: str, records: list, streamed: bool) -> CocoEvaluator:
+    """One rank's evaluator after its batches."""
+    cfg = Config(
+        {"val_evaluator": {"type": "CocoMetric", "ann_file": ann_file, "metric": ["bbox", "segm"]}}
+    )
+    evaluator = CocoEvaluator(cfg, "hotcoco", streamed=streamed)
+    evaluator.set_dataset_meta({"classes": CLASSES})
+    for start in range(0, len(records), BATCH):
+        evaluator.update(to_samples(records[start : start + BATCH], with_masks=True))
+    return evaluator
+
+
+def test_streamed_ranks_equal_pycocotools_and_the_gathered_evaluation(generated: tuple) -> None:
+    ann_file, records = generated
+    # Rank 1 sees one of its images twice (a repeat within a rank is matched once).
+    ranks = [
+        rank(ann_file, records[0::2], True),
+        rank(ann_file, [*records[1::2], records[1]], True),
+    ]
+    # What the chief gathers: each rank's entries (image ids alone) and its streams' state.
+    shares = [pickle.loads(pickle.dumps((r.entries, r.stream_states()))) for r in ranks]
+    chief = ranks[0]
+    with contextlib.redirect_stdout(io.StringIO()):
+        streamed = chief.compute([e for e, _ in shares], [s for _, s in shares])
+        gathered = rank(ann_file, records, False)
+        batch = gathered.compute([gathered.entries])
+    assert streamed["num_images"] == len(records)
+    for iou_type in ("bbox", "segm"):
+        expected = reference(ann_file, records, iou_type)
+        got = [streamed[f"{iou_type}_{item}".replace("@", "_")] for item in COCO_ITEMS]
+        assert 0.2 < got[0] < 0.9
+        assert got == pytest.approx(expected.stats.tolist(), abs=1e-12), iou_type
+        precision = expected.eval["precision"]
+        for index, cat_id in enumerate(expected.params.catIds):
+            values = precision[:, :, index, 0, -1]
+            name = f"{iou_type}_AP_per_class/{CLASSES[CATEGORY_IDS.index(cat_id)]}"
+            assert streamed[name] == pytest.approx(values[values > -1].mean(), abs=1e-12)
+    assert streamed == batch  # the best-F1 threshold too: the same accumulated arrays
+
+    # The report's curves are the batch evaluation's; what needs every detection is left out.
+    report = evaluation_report(chief.coco_metric())
+    full = evaluation_report(gathered.coco_metric())
+    assert "confusion_matrix" not in report and "tide" not in report["tasks"]["segm"]
+    for task in ("bbox", "segm"):
+        for part in ("pr_curves", "threshold_curves", "per_class"):
+            assert report["tasks"][task][part] == full["tasks"][task][part]
+
+
+def test_no_detections_stream_zeros(generated: tuple) -> None:
+    ann_file, records = generated
+    empty = [
+        {**r, "bboxes": r["bboxes"][:0], "scores": r["scores"][:0], "labels": r["labels"][:0],
+         "masks": []}
+        for r in records[:16]
+    ]  # fmt: skip
+    evaluator = rank(ann_file, empty, True)
+    with contextlib.redirect_stdout(io.StringIO()):
+        metrics = evaluator.compute([evaluator.entries], [evaluator.stream_states()])
+    assert metrics["bbox_mAP"] == metrics["segm_mAP"] == metrics["segm_best_F1"] == 0.0
+    assert evaluation_report(evaluator.coco_metric()) is None
+    assert np.isfinite(list(metrics.values())).all()
