@@ -1,64 +1,26 @@
 """TIDE, calibration and the confusion matrix's source (utils/evaluation/diagnostics.py) against
-pycocotools' per-image matches, on the generated set of tests/utils/evaluation/test_eval_report.py
+pycocotools' per-image matches, on the generated set of tests/utils/evaluation/generated.py
 (crowd regions, wrong classes, duplicates, false positives)."""
 
 from __future__ import annotations
 
 import contextlib
 import io
-import json
 
 import numpy as np
 import pytest
 from mmengine.config import Config
-from pycocotools.coco import COCO
 from pycocotools.cocoeval import COCOeval
 
-from bench.coco_data import CATEGORY_IDS, CLASSES, generate, to_samples
-from utils.evaluation.coco_metric import coco_detections
+from bench.coco_data import CLASSES, to_samples
+from tests.utils.evaluation.generated import SCORE_THR, evaluated_set, reference
 from utils.evaluation.evaluator import CocoEvaluator
 from utils.evaluation.report import evaluation_report
-
-SCORE_THR = 0.3
 
 
 @pytest.fixture(scope="module")
 def evaluated(tmp_path_factory: pytest.TempPathFactory) -> dict:
-    """60 generated images evaluated for bbox and segm by hotcoco, and their report."""
-    from mmdet.utils import register_all_modules
-
-    register_all_modules(init_default_scope=True)
-    data = generate(60)
-    ann_file = tmp_path_factory.mktemp("generated") / "instances_val.json"
-    ann_file.write_text(json.dumps(data.gt))
-    config = {"type": "CocoMetric", "ann_file": str(ann_file), "metric": ["bbox", "segm"]}
-    evaluator = CocoEvaluator(Config({"val_evaluator": config}), backend="hotcoco")
-    evaluator.set_dataset_meta({"classes": CLASSES})
-    evaluator.update(to_samples(data.predictions, with_masks=True))
-    with contextlib.redirect_stdout(io.StringIO()):
-        metrics = evaluator.compute([evaluator.entries])
-    predictions = tuple(data.predictions)
-    return {
-        "metrics": metrics,
-        "report": evaluation_report(evaluator.coco_metric(), SCORE_THR),
-        "ann_file": ann_file,
-        "detections": coco_detections(predictions, list(CATEGORY_IDS), "bbox"),
-        "masks": coco_detections(predictions, list(CATEGORY_IDS), "segm"),
-        "samples": data.predictions,
-    }
-
-
-def reference(ann_file: object, detections: list[dict], iou_type: str) -> COCOeval:
-    """pycocotools' evaluation of the same detections, with mmdet's maxDets."""
-    coco = COCO(str(ann_file))
-    field = "segmentation" if iou_type == "segm" else "bbox"
-    records = [{k: d[k] for k in ("image_id", "category_id", field, "score")} for d in detections]
-    with contextlib.redirect_stdout(io.StringIO()):
-        coco_eval = COCOeval(coco, coco.loadRes(records), iou_type)
-        coco_eval.params.maxDets = [100, 300, 1000]
-        coco_eval.evaluate()
-        coco_eval.accumulate()
-    return coco_eval
+    return evaluated_set(tmp_path_factory.mktemp("generated"))
 
 
 def all_matches(coco_eval: COCOeval) -> tuple[np.ndarray, np.ndarray, int]:

@@ -20,54 +20,18 @@ from pycocotools.coco import COCO
 from pycocotools.cocoeval import COCOeval
 
 from bench.coco_data import CATEGORY_IDS, CLASSES, generate, to_samples
+from tests.utils.evaluation.generated import SCORE_THR, evaluated_set, reference
 from utils.base.errors import ConfigError
 from utils.check.experiment import hparam_problems
-from utils.evaluation.coco_metric import coco_detections
 from utils.evaluation.curves import SEARCH_THRESHOLDS, _per_class_at
 from utils.evaluation.evaluator import CocoEvaluator
 from utils.evaluation.plots import draw_confusion_matrix, draw_report
 from utils.evaluation.report import evaluation_report, plot_settings, report_lines, save_report
 
-SCORE_THR = 0.3
-
 
 @pytest.fixture(scope="module")
 def evaluated(tmp_path_factory: pytest.TempPathFactory) -> dict:
-    """60 generated images evaluated for bbox and segm, as a validation does."""
-    from mmdet.utils import register_all_modules
-
-    register_all_modules(init_default_scope=True)
-    data = generate(60)
-    ann_file = tmp_path_factory.mktemp("generated") / "instances_val.json"
-    ann_file.write_text(json.dumps(data.gt))
-    config = {"type": "CocoMetric", "ann_file": str(ann_file), "metric": ["bbox", "segm"]}
-    evaluator = CocoEvaluator(Config({"val_evaluator": config}), backend="hotcoco")
-    evaluator.set_dataset_meta({"classes": CLASSES})
-    evaluator.update(to_samples(data.predictions, with_masks=True))
-    with contextlib.redirect_stdout(io.StringIO()):
-        metrics = evaluator.compute([evaluator.entries])
-    metric = evaluator.coco_metric()
-    predictions = tuple(data.predictions)
-    return {
-        "metrics": metrics,
-        "metric": metric,
-        "report": evaluation_report(metric, SCORE_THR),
-        "ann_file": ann_file,
-        "detections": coco_detections(predictions, list(CATEGORY_IDS), "bbox"),
-    }
-
-
-def reference(ann_file: Path, detections: list[dict], iou_type: str = "bbox") -> COCOeval:
-    """pycocotools' evaluation of the same detections, with mmdet's maxDets."""
-    coco = COCO(str(ann_file))
-    field = "segmentation" if iou_type == "segm" else "bbox"
-    records = [{k: d[k] for k in ("image_id", "category_id", field, "score")} for d in detections]
-    with contextlib.redirect_stdout(io.StringIO()):
-        coco_eval = COCOeval(coco, coco.loadRes(records), iou_type)
-        coco_eval.params.maxDets = [100, 300, 1000]
-        coco_eval.evaluate()
-        coco_eval.accumulate()
-    return coco_eval
+    return evaluated_set(tmp_path_factory.mktemp("generated"))
 
 
 def test_pr_curves_are_the_coco_statistics(evaluated: dict) -> None:
