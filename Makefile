@@ -16,7 +16,7 @@ demo: setup
 	$(PY) model_def.py experiments/demo.yaml --local --output runs/demo
 
 # Two pytest-xdist workers share the cores; a module's tests stay in one worker, and the modules
-# that start a Ray cluster share one (tests/conftest.py). TEST_WORKERS=0 runs them in this process.
+# that start a Ray cluster form two groups (tests/conftest.py). TEST_WORKERS=0 runs them in this process.
 TEST_WORKERS ?= 2
 test: setup
 	$(PY) -m pytest -n $(TEST_WORKERS) --dist loadgroup --durations=30 tests

@@ -91,16 +91,24 @@ def trained_maskrcnn(tmp_path_factory: pytest.TempPathFactory, synthetic_cache: 
 
 
 DEFAULT_THREADS = pytest.StashKey[int]()
+RAY_INFERENCE = {
+    "tests/on_ray/test_serve.py",
+    "tests/on_ray/test_batch_predict.py",
+    "tests/on_ray/test_ray_cli.py",
+}
 
 
 @pytest.hookimpl(tryfirst=True)  # before pytest-xdist's, which reads the groups
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     """Under pytest-xdist (`make test`: `-n 2 --dist loadgroup`) a module's tests run in one
-    worker, so its module-scoped servers start once; the modules that start a Ray cluster share
-    one worker, so one cluster runs at a time."""
+    worker, so its module-scoped servers start once. The modules that start a Ray cluster run in
+    two groups, training and inference, so that at most two clusters run at once (one group
+    alone was the suite's longest path)."""
     for item in items:
         module = item.nodeid.split("::")[0]
-        group = "ray" if module.startswith("tests/on_ray/") else module
+        group = module
+        if module.startswith("tests/on_ray/"):
+            group = "ray-inference" if module in RAY_INFERENCE else "ray-training"
         item.add_marker(pytest.mark.xdist_group(group))
 
 
