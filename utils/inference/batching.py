@@ -75,7 +75,9 @@ class ImagePredictor:
                 continue
             groups.setdefault(self.model.padded_shape(loaded[i][1]), []).append(i)
         for members in groups.values():
-            for i, outcome in self.forward(members, loaded):
+            # One forward pass a padded shape (one per image if it fails: only the culprit fails).
+            items = {i: loaded[i][1] for i in members}
+            for i, outcome, _ in self.model.forward_each(members, items):
                 if isinstance(outcome, Exception):
                     records[i] = failure_record(
                         ids[i], paths[i], reason("the model fails", outcome)
@@ -101,19 +103,6 @@ class ImagePredictor:
             return original, self.model.pipeline(results)
         except Exception as err:  # e.g. a transform that cannot take a 1 x 5000 image
             raise ImageFailure(reason("the test pipeline fails on it", err)) from err
-
-    def forward(
-        self, members: list[int], loaded: dict[int, tuple[np.ndarray, dict[str, Any]]]
-    ) -> list[tuple[int, Any]]:
-        """(index, sample or the exception) for one group: one forward pass; if it fails, one
-        pass per image, so that only the image at fault fails."""
-        try:
-            samples = self.model.test_step([loaded[i][1] for i in members])
-        except Exception as err:
-            if len(members) == 1:
-                return [(members[0], err)]
-            return [pair for i in members for pair in self.forward([i], loaded)]
-        return list(zip(members, samples, strict=True))
 
     def drawing(self, original: np.ndarray, sample: Any) -> bytes:
         """The PNG of the predictions above the threshold; none if drawing fails (the image's

@@ -136,22 +136,33 @@ class ServingModel:
         decoded: dict[int, tuple[np.ndarray, dict[str, Any]]],
         outcomes: list[Outcome],
     ) -> list[tuple[int, Any]]:
-        """(request index, predicted sample) for one group: one forward pass; if it fails, one
-        pass per image, so that only the image at fault gets the error."""
+        """(request index, predicted sample) for one group (`forward_each`); an image the model
+        fails on gets the error."""
+        pairs = []
+        for i, sample, size in self.forward_each(members, {i: decoded[i][1] for i in members}):
+            if isinstance(sample, Exception):
+                logger.error("Predicting an image failed", exc_info=sample)
+                outcomes[i].error = ApiError(
+                    500, "The model failed on this image; the server's log has the traceback."
+                )
+            else:
+                outcomes[i].forward_batch = size
+                pairs.append((i, sample))
+        return pairs
+
+    def forward_each(
+        self, members: list[int], items: dict[int, dict[str, Any]]
+    ) -> list[tuple[int, Any, int]]:
+        """(index, sample or the exception, images in its forward pass) for one group: one
+        forward pass; if it fails, one pass per image, so that only the image at fault fails."""
         try:
-            samples = self.test_step([decoded[i][1] for i in members])
-        except Exception:
-            if len(members) > 1:
-                logger.exception("A forward pass of %d images failed; one by one now", len(members))
-                return [pair for i in members for pair in self.forward([i], decoded, outcomes)]
-            logger.exception("Predicting an image failed")
-            outcomes[members[0]].error = ApiError(
-                500, "The model failed on this image; the server's log has the traceback."
-            )
-            return []
-        for i in members:
-            outcomes[i].forward_batch = len(members)
-        return list(zip(members, samples, strict=True))
+            samples = self.test_step([items[i] for i in members])
+        except Exception as err:
+            if len(members) == 1:
+                return [(members[0], err, 1)]
+            logger.exception("A forward pass of %d images failed; one by one now", len(members))
+            return [triple for i in members for triple in self.forward_each([i], items)]
+        return [(i, sample, len(members)) for i, sample in zip(members, samples, strict=True)]
 
     def test_step(self, items: list[dict[str, Any]]) -> list[Any]:
         with torch.no_grad():
