@@ -84,7 +84,7 @@ def ours_end(job: dict[str, Any], rank: int, share: Any) -> dict[str, Any]:
     import determined as det
     from determined.pytorch._reducer import _PyTorchReducerContext
 
-    from on_determined.trial import EvaluatorReducer
+    from on_determined.steps import EvaluatorReducer
     from utils.evaluation.evaluator import CocoEvaluator
     from utils.training.loop import ValidationPass
 

@@ -3,7 +3,8 @@
 The training step and the validation pass are the core's (`utils/training/loop.py`), on the
 session of `utils/training/session.py`; what is left here is Determined's: wrapping the model,
 optimizer, scaler and LR schedule so that its Trainer steps, syncs and checkpoints them, its
-data loaders, its reducer, and the callbacks (`on_determined/callbacks.py`).
+data loaders, its optimizer steps and reducer (`on_determined/steps.py`), and the callbacks
+(`on_determined/callbacks.py`).
 
 A validation that fails (an image that does not load, a prediction, the evaluation) does not
 raise where it fails: a rank raising alone would leave the others waiting in Determined's
@@ -21,6 +22,7 @@ import determined as det
 from determined import pytorch
 
 from on_determined.callbacks import build_callbacks
+from on_determined.steps import DeterminedSteps, EvaluatorReducer
 from utils.base.files import allow_numpy_globals
 from utils.evaluation.validation import failure_keeping_loader
 from utils.training.loaders import train_loader, val_loader
@@ -28,44 +30,6 @@ from utils.training.loop import ValidationPass, train_step
 from utils.training.plan import RunPlan, plan_run
 from utils.training.sanity import run_sanity_pass
 from utils.training.session import TrainingSession
-
-
-class EvaluatorReducer(pytorch.MetricReducer):
-    """Determined's collective for the core's validation pass: every rank's share gathered,
-    evaluated once on the chief (`ValidationPass.result`)."""
-
-    def __init__(self, validation: ValidationPass, chief: bool) -> None:
-        self.validation = validation
-        self.chief = chief
-
-    def reset(self) -> None:
-        pass  # the pass starts in ValidationStart (callbacks), before the first batch
-
-    def per_slot_reduce(self) -> bytes:
-        return self.validation.share()
-
-    def cross_slot_reduce(self, per_slot_metrics: list[bytes]) -> dict[str, Any]:
-        # The chief's metrics are broadcast to the others before the callbacks see them
-        # (Determined does when a callback reads them: ours do).
-        return self.validation.result(per_slot_metrics) if self.chief else {}
-
-
-class DeterminedSteps:
-    """The core's optimizer steps (`utils.training.loop.OptimizerSteps`) by Determined's context,
-    which syncs, accumulates and averages the gradients of what it wrapped itself."""
-
-    def __init__(self, context: pytorch.PyTorchTrialContext, optimizer: Any, scaler: Any) -> None:
-        self.context = context
-        self.optimizer = optimizer
-        self.scaler = scaler
-
-    def backward(self, loss: Any, steps: bool) -> None:
-        self.context.backward(loss)
-
-    def step(self, steps: bool, clip: Any) -> None:
-        # Called every batch: Determined steps at its aggregation frequency (the plan's
-        # accumulation, see on_determined/local.py), which is when `steps` is true.
-        self.context.step_optimizer(self.optimizer, clip_grads=clip, scaler=self.scaler)
 
 
 def plan_trial(context: pytorch.PyTorchTrialContext) -> RunPlan:

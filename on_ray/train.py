@@ -26,9 +26,10 @@ from utils.base.errors import TrainingStopped
 from utils.evaluation.validation import VALIDATION_FAILURE
 from utils.experiment import load as experiment
 from utils.training.keys import check_experiment_keys
-from utils.training.plan import RunPlan, plan_run, prepare_data
+from utils.training.plan import RunPlan, plan_run
 from utils.training.progress import METRICS_FILE, print_final_validation
 from utils.training.resumable import check_resumable
+from utils.training.session import prepare_data
 
 
 def train_loop(config: dict[str, Any]) -> None:

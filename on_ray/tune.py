@@ -31,7 +31,8 @@ from utils.base.errors import ConfigError
 from utils.evaluation.metric_names import searcher_findings
 from utils.experiment import load as experiment
 from utils.training.keys import check_experiment_keys
-from utils.training.plan import plan_run, prepare_data
+from utils.training.plan import plan_run
+from utils.training.session import prepare_data
 
 
 @dataclasses.dataclass(frozen=True)

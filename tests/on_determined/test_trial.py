@@ -22,7 +22,8 @@ from tests.conftest import TINY_SYNTHETIC, train
 from utils.data.synthetic import CLASSES
 from utils.experiment.load import environment_variables, load_experiment, local_hparams
 from utils.training.keys import check_experiment_keys
-from utils.training.plan import plan_run, prepare_data
+from utils.training.plan import plan_run
+from utils.training.session import prepare_data
 
 REPO = Path(__file__).resolve().parents[2]
 COCO_NAMES = ("mAP", "mAP_50", "mAP_75", "mAP_s", "mAP_m", "mAP_l", "AR_100", "AR_300", "AR_1000")

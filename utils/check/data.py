@@ -2,7 +2,7 @@
 which checks could not be made.
 
 Data on this machine (generated, or a disk root that exists) is prepared as the session
-prepares it (`utils.training.plan.prepare_data`: generated, annotation files and `data.classes`
+prepares it (`utils.training.session.prepare_data`: generated, annotation files and `data.classes`
 checked), its datasets built as the session builds them, and every image file looked for. A disk
 root that is missing here is a problem, unless the experiment mounts it into the containers
 (`bind_mounts`, or a pod spec's `volumeMounts`): the data then lives on the cluster's agents.

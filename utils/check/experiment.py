@@ -29,8 +29,9 @@ from utils.experiment.load import local_hparams
 from utils.experiment.rules import hyperparameters_problems, submission_problems
 from utils.training.hooks import yolox_switch_epoch
 from utils.training.keys import data_key_problems, hyperparameter_key_problems, known_part
-from utils.training.plan import RunPlan, plan_run, prepare_data
+from utils.training.plan import RunPlan, plan_run
 from utils.training.sanity import sanity_problems
+from utils.training.session import prepare_data
 from utils.training.tracking import redact
 from utils.training.tracking_settings import mlflow_settings
 

@@ -9,10 +9,12 @@ from __future__ import annotations
 
 import copy
 from pathlib import Path
+from typing import Any
 
 from mmengine.config import Config
 
 from utils.base.errors import DataError
+from utils.config.build import apply_overrides
 from utils.config.tree import SPLITS, set_classes
 from utils.data import synthetic
 from utils.data.annotations import check_coco_file
@@ -50,6 +52,15 @@ def prepare_source(cfg: Config, plan: DataPlan) -> Config:
     # mmdet's palette: only generated data have their own, and they name their classes when planned.
     set_classes(cfg, tuple(classes))
     return cfg
+
+
+def prepared_config(cfg: Config, data_plan: DataPlan, hparams: dict[str, Any]) -> Config:
+    """`cfg` with its data ready here (`prepare_source`); the hyperparameters' overrides stay on
+    top of the classes it may set, as they are on top of everything else the data section sets."""
+    prepared = prepare_source(cfg, data_plan)
+    if prepared is not cfg:
+        apply_overrides(prepared, hparams.get("override_mmdet_config") or {})
+    return prepared
 
 
 def check_split_paths(split: str, ann_file: Path, img_dir: Path) -> None:

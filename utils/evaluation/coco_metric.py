@@ -206,16 +206,20 @@ class BackendCocoMetric(CocoMetric):
         return f"{metric}_AP_per_class/{self.names_by_id[int(cat_id)]}"
 
 
+# The best-F1 keys after the IoU type (`bbox_best_F1`, ...), by `curves.best_f1`'s keys.
+F1_KEYS = {
+    "f1": "best_F1",
+    "score_thr": "best_F1_score_thr",
+    "precision": "best_F1_precision",
+    "recall": "best_F1_recall",
+}
+
+
 def f1_metrics(metric: str, best: dict[str, float] | None) -> dict[str, float]:
     """`bbox_best_F1`, `bbox_best_F1_score_thr`, `..._precision`, `..._recall` (see best_f1);
     zeros without detections."""
-    best = best or dict.fromkeys(("f1", "score_thr", "precision", "recall"), 0.0)
-    return {
-        f"{metric}_best_F1": best["f1"],
-        f"{metric}_best_F1_score_thr": best["score_thr"],
-        f"{metric}_best_F1_precision": best["precision"],
-        f"{metric}_best_F1_recall": best["recall"],
-    }
+    best = best or dict.fromkeys(F1_KEYS, 0.0)
+    return {f"{metric}_{key}": best[field] for field, key in F1_KEYS.items()}
 
 
 def coco_detections(preds: tuple[dict, ...], cat_ids: list[int], iou_type: str) -> list[dict]:

@@ -26,7 +26,7 @@ from mmengine.config import Config
 from utils.base.errors import ConfigError
 from utils.config.tree import base_dataset, evaluator_configs
 from utils.data.voc import VOC_METRIC
-from utils.evaluation.coco_metric import CLASSWISE_MAX_CLASSES, STAT_NAMES, f1_metrics
+from utils.evaluation.coco_metric import CLASSWISE_MAX_CLASSES, F1_KEYS, STAT_NAMES
 from utils.evaluation.evaluator import COCO_ITEMS, flatten_metrics
 from utils.evaluation.preflight import COCO_METRIC_TYPES, as_list, predicts_masks
 
@@ -38,6 +38,9 @@ ANY_NAME = "*"
 VOC_METRIC_TYPES = ("VOCMetric", "mmdet.VOCMetric", VOC_METRIC)
 # mmdet's CocoMetric default `proposal_nums`, which `proposal_fast` names its recalls after.
 PROPOSAL_NUMS = (100, 300, 1000)
+# The evaluator keys that hold one value or several, with mmdet's defaults (CocoMetric's
+# `metric` and `proposal_nums`, VOCMetric's `iou_thrs`).
+LISTED = {"metric": "bbox", "proposal_nums": PROPOSAL_NUMS, "iou_thrs": 0.5}
 # The training metrics: the detector's loss terms (`loss`, `loss_cls`, ...), `lr`, `grad_norm`.
 TRAINING_METRIC = re.compile(r"^(loss(_\w+)?|lr|grad_norm)$")
 LOSS = re.compile(r"(^|_)loss(_|$)")
@@ -64,12 +67,13 @@ def reported_metrics(cfg: Config, model: Any | None = None) -> set[str]:
     patterns = set()
     for metric_cfg in evaluator_configs(cfg.get("val_evaluator")):
         kind = metric_cfg.get("type")
+        listed = {key: as_list(metric_cfg.get(key, value)) for key, value in LISTED.items()}
         if kind in COCO_METRIC_TYPES:
-            coco, per_class = coco_names(metric_cfg, classes, masks is not False)
+            coco, per_class = coco_names(metric_cfg, listed, classes, masks is not False)
             names |= coco
             patterns |= per_class
         elif kind in VOC_METRIC_TYPES and metric_cfg.get("metric", "mAP") == "mAP":
-            names |= voc_names(metric_cfg, prefixed=kind == VOC_METRIC)
+            names |= voc_names(metric_cfg, listed["iou_thrs"], prefixed=kind == VOC_METRIC)
         else:
             patterns.add(ANY_NAME)
     # The names `CocoEvaluator.compute` gives them (`AR@100` is reported as `AR_100`).
@@ -77,10 +81,10 @@ def reported_metrics(cfg: Config, model: Any | None = None) -> set[str]:
 
 
 def coco_names(
-    metric_cfg: Any, classes: Any | None, masks: bool = True
+    metric_cfg: Any, listed: dict[str, list[Any]], classes: Any | None, masks: bool = True
 ) -> tuple[set[str], set[str]]:
     """A CocoMetric's names as `BackendCocoMetric.compute_metrics` makes them, and the patterns
-    of its per-class names when `classes` is None (not known yet)."""
+    of its per-class names when `classes` is None (not known yet); `listed`: its `LISTED` keys."""
     if metric_cfg.get("format_only"):
         return set(), set()  # mmdet only writes the result files
     # CocoEvaluator's default is all 12 statistics; an explicit None is mmdet's first six.
@@ -88,15 +92,14 @@ def coco_names(
     items = [items] if isinstance(items, str) else items
     classwise = metric_cfg.get("classwise")
     names, patterns = set(), set()
-    for metric in as_list(metric_cfg.get("metric", "bbox")):
+    for metric in listed["metric"]:
         if metric == "proposal_fast":
-            counts = as_list(metric_cfg.get("proposal_nums", PROPOSAL_NUMS))
-            names |= {f"AR@{count}" for count in counts}
+            names |= {f"AR@{count}" for count in listed["proposal_nums"]}
         elif metric == "proposal":
             names |= set(items or STAT_NAMES[6:])
         elif metric == "bbox" or (metric == "segm" and masks):
             names |= {f"{metric}_{item}" for item in items or STAT_NAMES[:6]}
-            names |= set(f1_metrics(metric, None))
+            names |= {f"{metric}_{key}" for key in F1_KEYS.values()}
             if classes is None:
                 if classwise is not False:
                     patterns.add(f"{metric}_AP_per_class/{ANY_NAME}")
@@ -105,10 +108,10 @@ def coco_names(
     return names, patterns
 
 
-def voc_names(metric_cfg: Any, prefixed: bool) -> set[str]:
+def voc_names(metric_cfg: Any, iou_thrs: list[float], prefixed: bool) -> set[str]:
     """mmdet's VOCMetric's mAP and AP per IoU threshold; `voc_mAP`, ... when prefixed
     (`utils.data.voc.register_voc_metric`)."""
-    names = {"mAP"} | {f"AP{int(t * 100):02d}" for t in as_list(metric_cfg.get("iou_thrs", 0.5))}
+    names = {"mAP"} | {f"AP{int(t * 100):02d}" for t in iou_thrs}
     if not prefixed:
         return names
     prefix = metric_cfg.get("prefix") or "pascal_voc"  # VOCMetric's default prefix

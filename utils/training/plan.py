@@ -15,12 +15,11 @@ from typing import Any
 
 from mmdet.utils import register_all_modules
 from mmengine.config import Config
-from mmengine.utils import import_modules_from_strings
 
 from utils.base.errors import ConfigError
 from utils.config.build import apply_hparams, apply_overrides, load_config, scale_lr
 from utils.config.schedule import Schedule, accumulation
-from utils.data.prepare import prepare_source
+from utils.data.prepare import prepared_config
 from utils.data.source import DataPlan, plan_data
 from utils.evaluation.metric_names import check_searcher
 from utils.experiment.load import training_length
@@ -95,34 +94,6 @@ def plan_run(
     return RunPlan(cfg, hparams, hooks, world_size, hparams["global_batch_size"], length, data_plan)
 
 
-def prepare_data(plan: RunPlan) -> RunPlan:
-    """The plan with its data ready on this host: generated, fetched, checked (bad data fails
-    here, naming the file or key), and the annotation file's classes in its config when the data
-    section names none. The plan passed in is left as it is.
-
-    Call it once in each process that builds datasets, before building them: the training
-    session does, for every engine; `--check` does where it reads the data. Idempotent, and
-    cheap after the first call on a host (per-host caches and file locks), so the ranks of a host
-    and a driver before them may all call it.
-    """
-    # A plan made in another process (Ray ships it) brings no registrations: this process
-    # needs mmdet's modules and the config's `custom_imports` to build from it.
-    register_all_modules(init_default_scope=True)
-    imports = plan.cfg.get("custom_imports")
-    if imports:
-        import_modules_from_strings(**imports)
-    return dataclasses.replace(plan, cfg=prepared_config(plan.cfg, plan.data, plan.hparams))
-
-
-def prepared_config(cfg: Config, data_plan: DataPlan, hparams: dict[str, Any]) -> Config:
-    """`cfg` with its data ready here (`prepare_source`); the hyperparameters' overrides stay on
-    top of the classes it may set, as they are on top of everything else the data section sets."""
-    prepared = prepare_source(cfg, data_plan)
-    if prepared is not cfg:
-        apply_overrides(prepared, hparams.get("override_mmdet_config") or {})
-    return prepared
-
-
 def resolve_config(
     hparams: dict[str, Any], data: dict[str, Any], slots: int = 1
 ) -> tuple[Config, DataPlan]:
@@ -170,9 +141,3 @@ def build_config(
     `verify_paths` is False (a machine without the data)."""
     cfg, data_plan = resolve_config(hparams, data, slots)
     return prepared_config(cfg, data_plan, hparams) if verify_paths else cfg
-
-
-def config_seed(cfg: Config) -> int | None:
-    """The config's `randomness.seed`, which wins over any engine's seed."""
-    seed = (cfg.get("randomness") or {}).get("seed")
-    return None if seed is None else int(seed)

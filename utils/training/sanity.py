@@ -25,7 +25,7 @@ import random
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import numpy as np
 import torch
@@ -46,10 +46,8 @@ from utils.training.diagnosis import (
 )
 from utils.training.hooks import publish_runtime_info
 from utils.training.optim import amp_settings
-from utils.training.plan import RunPlan, config_seed
-
-if TYPE_CHECKING:
-    from utils.training.session import TrainingSession
+from utils.training.plan import RunPlan
+from utils.training.session import TrainingSession, config_seed
 
 logger = logging.getLogger(__name__)
 SWITCH = "sanity_pass"  # the hyperparameter that turns the pass off

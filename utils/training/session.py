@@ -12,16 +12,21 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import dataclasses
 import logging
 from typing import Any
 
 import torch
 from mmdet.registry import MODELS
+from mmdet.utils import register_all_modules
+from mmengine.config import Config
 from mmengine.runner import set_random_seed
+from mmengine.utils import import_modules_from_strings
 
 from utils.base.errors import ConfigError, DataError, TrainingStopped, raise_problems
 from utils.config.schedule import Schedule, unfollowed_intervals
 from utils.data.datasets import build_dataset, image_problems
+from utils.data.prepare import prepared_config
 from utils.data.sampling import LoaderSeedDraws
 from utils.evaluation.evaluator import CocoEvaluator
 from utils.evaluation.preflight import evaluation_problems
@@ -36,10 +41,35 @@ from utils.training.hooks import (
 )
 from utils.training.loaders import keeps_workers
 from utils.training.optim import ParamSchedulers, amp_settings, build_optimizer, clip_gradients
-from utils.training.plan import RunPlan, config_seed, prepare_data
+from utils.training.plan import RunPlan
 from utils.training.weights import init_weights, load_weights
 
 logger = logging.getLogger(__name__)
+
+
+def prepare_data(plan: RunPlan) -> RunPlan:
+    """The plan with its data ready on this host: generated, fetched, checked (bad data fails
+    here, naming the file or key), and the annotation file's classes in its config when the data
+    section names none. The plan passed in is left as it is.
+
+    Call it once in each process that builds datasets, before building them: the training
+    session does, for every engine; `--check` does where it reads the data. Idempotent, and
+    cheap after the first call on a host (per-host caches and file locks), so the ranks of a host
+    and a driver before them may all call it.
+    """
+    # A plan made in another process (Ray ships it) brings no registrations: this process
+    # needs mmdet's modules and the config's `custom_imports` to build from it.
+    register_all_modules(init_default_scope=True)
+    imports = plan.cfg.get("custom_imports")
+    if imports:
+        import_modules_from_strings(**imports)
+    return dataclasses.replace(plan, cfg=prepared_config(plan.cfg, plan.data, plan.hparams))
+
+
+def config_seed(cfg: Config) -> int | None:
+    """The config's `randomness.seed`, which wins over any engine's seed."""
+    seed = (cfg.get("randomness") or {}).get("seed")
+    return None if seed is None else int(seed)
 
 
 class TrainingSession:

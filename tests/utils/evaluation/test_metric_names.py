@@ -24,7 +24,8 @@ from utils.evaluation.metric_names import (
     searcher_metric_problems,
 )
 from utils.experiment.load import load_experiment, local_hparams
-from utils.training.plan import plan_run, prepare_data
+from utils.training.plan import plan_run
+from utils.training.session import prepare_data
 
 MASK_RCNN = "configs/synthetic/maskrcnn_r18_fpn_synthetic.py"
 

@@ -14,7 +14,8 @@ import pytest
 from tests.conftest import REPO, TINY_SYNTHETIC, disk_data
 from utils.base.errors import AnnotationError, DataError
 from utils.data import prepare, source
-from utils.training.plan import plan_run, prepare_data
+from utils.training.plan import plan_run
+from utils.training.session import prepare_data
 
 RETINANET = "configs/synthetic/retinanet_r18_fpn_synthetic.py"
 TOY = "tests/toy/toy_synthetic.py"
@@ -101,7 +102,7 @@ def test_a_plan_made_here_builds_in_another_process(tmp_path: Path) -> None:
     script = (
         "import pickle, sys\n"
         "from mmdet.registry import DATASETS, MODELS\n"
-        "from utils.training.plan import prepare_data\n"
+        "from utils.training.session import prepare_data\n"
         f"plan = pickle.loads(open({str(tmp_path / 'plan.pkl')!r}, 'rb').read())\n"
         "assert 'tests.toy.detector' not in sys.modules\n"
         "plan = prepare_data(plan)\n"
