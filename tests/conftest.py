@@ -97,18 +97,23 @@ RAY_INFERENCE = {
     "tests/on_ray/test_ray_cli.py",
 }
 
+BENCH_SMOKE = "tests/bench/test_bench.py"
+
 
 @pytest.hookimpl(tryfirst=True)  # before pytest-xdist's, which reads the groups
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     """Under pytest-xdist (`make test`: `-n 2 --dist loadgroup`) a module's tests run in one
     worker, so its module-scoped servers start once. The modules that start a Ray cluster run in
     two groups, training and inference, so that at most two clusters run at once (one group
-    alone was the suite's longest path)."""
+    alone was the suite's longest path). The benchmarks' smoke runs a section per test, each
+    apart."""
     for item in items:
         module = item.nodeid.split("::")[0]
         group = module
         if module.startswith("tests/on_ray/"):
             group = "ray-inference" if module in RAY_INFERENCE else "ray-training"
+        elif module == BENCH_SMOKE:
+            group = item.nodeid  # one subprocess each, no shared server: spread them
         item.add_marker(pytest.mark.xdist_group(group))
 
 
