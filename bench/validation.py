@@ -48,8 +48,9 @@ def update_ranks(
     from utils.evaluation.evaluator import CocoEvaluator
     from utils.evaluation.validation import RankValidation
 
-    ours = RankValidation(CocoEvaluator(evaluator_cfg(ann_file, metric), "hotcoco"))
-    ours.evaluator.set_dataset_meta({"classes": CLASSES})
+    ours = RankValidation(
+        CocoEvaluator(evaluator_cfg(ann_file, metric), "hotcoco", meta={"classes": CLASSES})
+    )
     mmdet = CocoMetric(ann_file=ann_file, metric=metric)
     mmdet.dataset_meta = {"classes": CLASSES}
     seconds = {"ours": 0.0, "mmdet": 0.0}

@@ -93,12 +93,13 @@ def ours_end(job: dict[str, Any], rank: int, share: Any) -> dict[str, Any]:
         rank=rank, size=ranks, local_rank=rank, local_size=ranks, cross_rank=0, cross_size=1,
         pub_port=job["ports"][0], pull_port=job["ports"][1],
     )  # fmt: skip
-    evaluator = CocoEvaluator(evaluator_cfg(job["ann_file"], job["metric"]), "hotcoco")
-    evaluator.set_dataset_meta({"classes": CLASSES})
+    evaluator = CocoEvaluator(
+        evaluator_cfg(job["ann_file"], job["metric"]), "hotcoco", meta={"classes": CLASSES}
+    )
     context = _PyTorchReducerContext(dist.allgather)  # what PyTorchTrialContext builds on
     # The pass's end alone: its share and result read only the session's evaluator.
     validation = ValidationPass(SimpleNamespace(evaluator=evaluator))
-    validation.rank.evaluator.entries, validation.rank.failures = share
+    validation.rank.evaluator.entries, validation.rank.failures, _ = share
     reducer = context.wrap_reducer(EvaluatorReducer(validation, chief=rank == 0),
                                    for_training=False)  # fmt: skip
     # The chief's evaluation alone, without the gather.

@@ -41,7 +41,7 @@ def local_ray() -> None:
 
 
 def search_overrides(cache: Path, slots: int) -> list[str]:
-    """Two trials of the toy detector, 4 images a batch and a validation after each batch, one
+    """Four trials of the toy detector, 4 images a batch and a validation after each batch, one
     trial at a time (which trial ASHA stops depends on the order of their reports: the same in
     every run only so); rungs at 1, 2 and 4 batches."""
     data = {**DATA, "num_train": 4, "num_val": 4}  # one batch an epoch
@@ -56,7 +56,7 @@ def search_overrides(cache: Path, slots: int) -> list[str]:
         "hyperparameters.lr={type: log, base: 10, minval: -3, maxval: -0.5}",
         "hyperparameters.visualization={num_images: 0}",
         "searcher={name: adaptive_asha, metric: bbox_mAP, smaller_is_better: false, "
-        "time_metric: batches, max_time: 4, max_trials: 2, max_rungs: 3, divisor: 2, "
+        "time_metric: batches, max_time: 4, max_trials: 4, max_rungs: 3, divisor: 2, "
         "mode: aggressive, max_concurrent_trials: 1}",
         f"resources.slots_per_trial={slots}",
         "max_restarts=0",
@@ -79,7 +79,7 @@ def test_a_search_trains_each_trial_on_its_workers(tmp_path: Path, synthetic_cac
     # has trained worse by the second rung (tests/on_ray/test_ray.py, on one worker).
     sets = search_overrides(synthetic_cache, 2)
     results = tune_search(DEMO, sets, search_alg="hyperopt", output=tmp_path, seed=10)
-    assert len(results) == 2 and not results.errors
+    assert len(results) == 4 and not results.errors
     lengths = []
     for result in results:
         metrics = result.metrics

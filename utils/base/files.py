@@ -11,11 +11,14 @@ from __future__ import annotations
 
 import os
 import pickle
+import re
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
+
+from utils.base.errors import WeightsError
 
 CACHE_ROOT = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "mmdet-determined"
 
@@ -62,6 +65,25 @@ def safe_load(path: str | Path, mmap: bool = False) -> Any:
     missing = [item for item in checkpoint_globals() if item not in already]
     with torch.serialization.safe_globals(missing):
         return torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
+
+
+def not_a_checkpoint(path: Path, exc: Exception) -> WeightsError:
+    """The error to raise when `safe_load(path)` failed with `exc`: what the file holds that a
+    safe load refuses, or why it is no checkpoint."""
+    text = str(exc)
+    unsafe = re.search(r"GLOBAL (\S+) (was not an allowed global|whose module)", text)
+    if unsafe:
+        return WeightsError(
+            f"{path} holds {unsafe.group(1)}, which is not among the types allowed for a safe "
+            "load. If you trust the file, keep just its weights: torch.save({'state_dict': "
+            "torch.load(path, weights_only=False)['state_dict']}, new_path)."
+        )
+    # torch wraps the cause in paragraphs of advice about weights_only: keep the cause.
+    causes = [part.strip() for part in text.split("\n\n") if "weights_only" not in part]
+    cause = next((c for c in causes if c), "the file ends too early")
+    return WeightsError(
+        f"{path} is not a PyTorch checkpoint ({type(exc).__name__}: {cause.splitlines()[0]})"
+    )
 
 
 def allow_numpy_globals() -> None:

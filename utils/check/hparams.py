@@ -10,7 +10,7 @@ from typing import Any
 from utils.base.errors import ConfigError
 from utils.config.build import KNOWN_HPARAMS, resolve_config_path
 from utils.evaluation.drawings import visualization_settings
-from utils.evaluation.evaluator import coco_backend
+from utils.evaluation.evaluator import coco_backend, streamed_evaluation
 from utils.evaluation.report import plot_settings
 
 NUMERIC = ("lr", "weight_decay", "momentum")
@@ -82,9 +82,9 @@ def hparam_problems(
                 problems.append(
                     "hyperparameters.override_mmdet_config must map dotted keys to values."
                 )
-            elif name == "coco_backend":
+            elif name in ("coco_backend", "streamed_evaluation"):
                 try:
-                    coco_backend(value)
+                    (coco_backend if name == "coco_backend" else streamed_evaluation)(value)
                 except ConfigError as err:
                     problems.append(str(err))
             elif name in ("visualization", "evaluation_plots"):

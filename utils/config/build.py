@@ -34,6 +34,7 @@ KNOWN_HPARAMS = (
     "momentum",
     "auto_scale_lr",
     "coco_backend",
+    "streamed_evaluation",
     "load_from",
     "visualization",
     "evaluation_plots",

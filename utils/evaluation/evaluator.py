@@ -31,6 +31,19 @@ logger = logging.getLogger(__name__)
 COCO_ITEMS = STAT_NAMES
 
 
+def streamed_evaluation(value: Any) -> bool:
+    """The `streamed_evaluation` hyperparameter checked; unset: false."""
+    if value is None:
+        return False
+    if not isinstance(value, bool):
+        raise ConfigError(
+            f"hyperparameters.streamed_evaluation is {value!r}: use true (each rank matches its "
+            "images as it predicts them; the report then has no TIDE, calibration or confusion "
+            "matrix) or false (the default)."
+        )
+    return value
+
+
 def coco_backend(name: str | None) -> str:
     """The `coco_backend` hyperparameter checked; unset: hotcoco where installed."""
     if name is None:
@@ -48,12 +61,21 @@ def coco_backend(name: str | None) -> str:
 class CocoEvaluator:
     """Collects per-image metric entries with `update`; `compute` evaluates them once per image."""
 
-    def __init__(self, cfg: Config, backend: str | None = None, streamed: bool = False) -> None:
-        """`backend`: the COCO engine of CocoMetrics (`BACKENDS`); None: the default.
-        `streamed`: each rank matches the images of the CocoMetrics that can be streamed as
-        they come (utils/evaluation/streaming.py); `stream_states` is then what it shares."""
+    def __init__(
+        self,
+        cfg: Config,
+        backend: str | None = None,
+        streamed: bool | None = False,
+        *,
+        meta: dict[str, Any],
+    ) -> None:
+        """`meta`: the validation dataset's `metainfo` (its classes name the per-class metrics).
+        `backend`: the COCO engine of CocoMetrics (`BACKENDS`); None: the default.
+        `streamed` (the `streamed_evaluation` hyperparameter): each rank matches the images of
+        the CocoMetrics that can be streamed as they come (utils/evaluation/streaming.py);
+        `stream_states` is then what it shares besides the image ids."""
         self.backend = coco_backend(backend)
-        self.streamed = streamed
+        self.streamed = streamed_evaluation(streamed)
         self.metrics = []
         for metric_cfg in evaluator_configs(cfg.val_evaluator):
             metric_cfg = copy.deepcopy(metric_cfg)
@@ -64,17 +86,21 @@ class CocoEvaluator:
             metric_cfg.pop("_scope_", None)  # a registry key; the class is built directly here
             metric_cfg.setdefault("metric_items", list(COCO_ITEMS))
             self.metrics.append(BackendCocoMetric(backend=self.backend, **metric_cfg))
+        for metric in self.metrics:
+            metric.dataset_meta = meta
         self.entries: list[tuple[Any, list[list[Any]]]] = []
         self.streams: dict[int, Any] = {}  # streaming.CocoStream by metric
         self.reset()
+        gathered = [m for i, m in enumerate(self.metrics) if i not in self.streams]
+        if self.streamed and any(isinstance(m, BackendCocoMetric) for m in gathered):
+            logger.warning(
+                "streamed_evaluation: a CocoMetric is gathered to the chief instead; streaming "
+                "needs coco_backend hotcoco, an ann_file and the bbox or segm metric only."
+            )
 
     def coco_metric(self) -> BackendCocoMetric | None:
         """The first COCO metric: its last evaluation is what the evaluation plots show."""
         return next((m for m in self.metrics if isinstance(m, BackendCocoMetric)), None)
-
-    def set_dataset_meta(self, meta: dict[str, Any]) -> None:
-        for metric in self.metrics:
-            metric.dataset_meta = meta
 
     def reset(self) -> None:
         self.entries = []
@@ -91,7 +117,7 @@ class CocoEvaluator:
             pred = output["pred_instances"]
             if isinstance(pred.get("masks"), torch.Tensor):
                 # Once for all metrics and in one call: the metrics take encoded masks as they are.
-                pred["masks"] = encode_masks(pred["masks"].detach())
+                pred["masks"] = encode_masks(pred["masks"].detach(), pred.get("bboxes"))
             per_metric = []
             for index, metric in enumerate(self.metrics):
                 metric.process({}, [output])
@@ -116,9 +142,13 @@ class CocoEvaluator:
         states_per_rank: list[dict[int, dict[str, Any]]] | None = None,
     ) -> dict[str, float]:
         """Evaluate the union of the ranks' entries, each image once, and merge the ranks'
-        streamed evaluations (`stream_states`); returns flat float metrics."""
-        for index, stream in self.streams.items():
-            stream.finish([states[index] for states in states_per_rank or []])
+        streamed evaluations (`stream_states`; None: this process's own); returns flat float
+        metrics."""
+        if self.streams:
+            predicted_once(entries_per_rank)
+            for index, stream in self.streams.items():
+                states = states_per_rank if states_per_rank is not None else [self.stream_states()]
+                stream.finish([rank_states[index] for rank_states in states])
         by_image = {}
         for entries in entries_per_rank:
             for img_id, per_metric in entries:
@@ -130,6 +160,19 @@ class CocoEvaluator:
         metrics = flatten_metrics(results)
         metrics["num_images"] = float(len(by_image))
         return metrics
+
+
+def predicted_once(entries_per_rank: list[list[tuple[Any, Any]]]) -> None:
+    """Fail if an image reached two ranks: their streams have both counted it."""
+    rank_of: dict[Any, int] = {}
+    for rank, entries in enumerate(entries_per_rank):
+        for img_id, _ in entries:
+            if rank_of.setdefault(img_id, rank) != rank:
+                raise ConfigError(
+                    f"Image {img_id!r} was predicted on ranks {rank_of[img_id]} and {rank}: a "
+                    "streamed evaluation has counted it on both. Deal each validation image "
+                    "to one rank, or set hyperparameters.streamed_evaluation: false."
+                )
 
 
 def flatten_metrics(results: dict[str, Any]) -> dict[str, float]:

@@ -3,7 +3,8 @@
 `evaluation_report` builds it on the chief from the COCO evaluation that has just run (no second
 pass): per IoU type the precision-recall curves, precision/recall/F1 against the score threshold
 with the best-F1 threshold, per-class AP (utils/evaluation/curves.py), TIDE's error breakdown and
-the calibration; for boxes the confusion matrix (utils/evaluation/diagnostics.py). `save_report`
+the calibration; for boxes the confusion matrix (utils/evaluation/diagnostics.py); a streamed
+evaluation's says instead that it has none of these (`not_computed`). `save_report`
 writes it as `report.json` with the plots (utils/evaluation/plots.py) into a folder,
 `evaluation/` of a checkpoint or of the evaluate command's output; `report_lines` and
 `coco_table` are what a console shows.
@@ -28,6 +29,12 @@ logger = logging.getLogger(__name__)
 REPORT_DIR = "evaluation"  # in checkpoints and in the evaluate command's output
 REPORT_FILE = "report.json"
 TASKS = ("bbox", "segm")
+# What a streamed evaluation's report says in place of what it cannot give.
+NOT_STREAMED = (
+    "TIDE, the calibration and the confusion matrix were not computed: the evaluation was "
+    "streamed (hyperparameters.streamed_evaluation: true), and they need every detection on "
+    "the chief."
+)
 
 
 def plot_settings(hparams: dict[str, Any]) -> float | None:
@@ -84,6 +91,10 @@ def evaluation_report(
             report["tasks"][task]["calibration"] = calibration(metric.evals[task])
     if "bbox" in metric.evals and "bbox" not in metric.streamed_last:
         report["confusion_matrix"] = confusion_matrix(metric.evals["bbox"], score_thr)
+    streamed = [task for task in report["tasks"] if task in metric.streamed_last]
+    if streamed:  # said, rather than left out silently or drawn as the zeros hotcoco gives
+        left_out = ["tide", "calibration", *(["confusion_matrix"] if "bbox" in streamed else [])]
+        report["not_computed"] = {"parts": left_out, "tasks": streamed, "reason": NOT_STREAMED}
     return report
 
 
@@ -148,10 +159,11 @@ def report_lines(report: dict[str, Any]) -> list[str]:
 
 def tide_lines(report: dict[str, Any]) -> list[str]:
     """TIDE's table, one column per IoU type: AP50 and the AP50 each error type costs (with its
-    count), then the calibration error."""
+    count), then the calibration error; then, after a streamed evaluation, why it has none."""
     tasks = [task for task in report["tasks"] if "tide" in report["tasks"][task]]
+    not_computed = [report["not_computed"]["reason"]] if "not_computed" in report else []
     if not tasks:
-        return []
+        return not_computed
     lines = ["TIDE errors at IoU 0.5: the AP50 gained by fixing each type (how many there are)"]
     lines.append(f"{'':<12}" + "".join(f"{task:>16}" for task in tasks))
     lines.append(
@@ -169,4 +181,4 @@ def tide_lines(report: dict[str, Any]) -> list[str]:
         f"{'ECE':<12}"
         + "".join(f"{report['tasks'][t]['calibration']['ece']:>16.3f}" for t in tasks)
     )
-    return lines
+    return [*lines, *not_computed]

@@ -11,8 +11,9 @@ bit (tests/utils/evaluation/test_streaming.py).
 What a streamed evaluation cannot give: TIDE, calibration and the confusion matrix, which need
 every detection on the chief (the report leaves them out), and the images no rank predicted,
 which a batch evaluation counts as missed (a full validation predicts them all). A rank adds an
-image once; images a distributed sampler repeats on other ranks (to pad the last batches) must
-not reach `add` there: the validation pass passes only each rank's own samples.
+image once; an image on two ranks would count twice: the validation loaders deal each image to
+one rank, and the chief's `CocoEvaluator.compute` fails on one it finds in two ranks' entries.
+Turned on by the hyperparameter `streamed_evaluation` (off by default: the report's loss).
 """
 
 from __future__ import annotations

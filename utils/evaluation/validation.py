@@ -11,7 +11,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 
@@ -86,8 +86,16 @@ def failure_keeping_loader(loader_class: Callable[..., Any]) -> Callable[..., An
     return loader
 
 
+class Share(NamedTuple):
+    """What the chief gathers from a rank."""
+
+    entries: list[Any]  # CocoEvaluator.entries (image ids alone for streamed metrics)
+    failures: list[str]
+    streams: dict[int, Any]  # CocoEvaluator.stream_states(): empty unless streamed
+
+
 class RankValidation:
-    """One rank's part of a validation: its COCO entries, or what failed."""
+    """One rank's part of a validation: its COCO entries (and streams), or what failed."""
 
     def __init__(self, evaluator: CocoEvaluator) -> None:
         self.evaluator = evaluator
@@ -108,17 +116,20 @@ class RankValidation:
         except Exception as err:
             self.failures.append(describe(err))
 
-    def share(self) -> tuple[list[Any], list[str]]:
+    def share(self) -> Share:
         """What the chief gathers from this rank."""
-        return self.evaluator.entries, self.failures
+        return Share(self.evaluator.entries, self.failures, self.evaluator.stream_states())
 
 
-def combine(evaluator: CocoEvaluator, shares: list[tuple[list[Any], list[str]]]) -> dict[str, Any]:
-    """On the chief: the metrics of every rank's entries, or VALIDATION_FAILURE if any failed."""
-    failures = [failure for _, rank_failures in shares for failure in rank_failures]
+def combine(evaluator: CocoEvaluator, shares: list[Share]) -> dict[str, Any]:
+    """On the chief: the metrics of every rank's entries and streams, or VALIDATION_FAILURE if
+    any failed."""
+    failures = [failure for share in shares for failure in share.failures]
     if not failures:
         try:
-            return evaluator.compute([entries for entries, _ in shares])
+            return evaluator.compute(
+                [share.entries for share in shares], [share.streams for share in shares]
+            )
         except Exception as err:
             failures = [describe(err)]
     first = f"{len(failures)} failures, the first: " if len(failures) > 1 else ""

@@ -144,7 +144,7 @@ def prediction_record(image_id: int, path: str, sample: Any) -> dict[str, Any]:
         "labels": pred.labels.tolist(),
     }
     if "masks" in pred:
-        rles = encode_masks(pred.masks.detach())
+        rles = encode_masks(pred.masks.detach(), pred.bboxes)
         record["masks"] = [{"size": r["size"], "counts": r["counts"].decode()} for r in rles]
     if "mask_scores" in pred:
         record["mask_scores"] = pred.mask_scores.tolist()

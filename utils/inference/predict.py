@@ -155,7 +155,7 @@ def coco_results(sample: Any, cat_ids: list[int]) -> tuple[list[dict], list[dict
     if "masks" in pred:
         mask_scores = pred.mask_scores.tolist() if "mask_scores" in pred else scores
         for label, rle, score in zip(
-            labels, encode_masks(pred.masks.detach()), mask_scores, strict=True
+            labels, encode_masks(pred.masks.detach(), pred.bboxes), mask_scores, strict=True
         ):
             segmentation = {"size": rle["size"], "counts": rle["counts"].decode()}
             segm.append(
@@ -172,8 +172,7 @@ def coco_evaluator(cfg: Config, ann_file: Path, with_mask: bool, meta: dict) -> 
     metric = ConfigDict(coco[0]) if coco else ConfigDict(type="CocoMetric")
     metric.update(ann_file=str(ann_file), metric=["bbox", "segm"] if with_mask else "bbox")
     metric.update(format_only=False, outfile_prefix=None)
-    evaluator = CocoEvaluator(Config({"val_evaluator": metric}))
-    evaluator.set_dataset_meta(meta)
+    evaluator = CocoEvaluator(Config({"val_evaluator": metric}), meta=meta)
     return evaluator
 
 

@@ -194,6 +194,8 @@ class ServingModel:
             for box, score, label in zip(pred.bboxes.tolist(), scores, labels, strict=True)
         ]
         if options.masks and "masks" in pred:
-            for detection, rle in zip(detections, encode_masks(pred.masks.detach()), strict=True):
+            for detection, rle in zip(
+                detections, encode_masks(pred.masks.detach(), pred.bboxes), strict=True
+            ):
                 detection["mask"] = {"size": rle["size"], "counts": rle["counts"].decode()}
         outcome.answer = {"image": {"width": width, "height": height}, "detections": detections}

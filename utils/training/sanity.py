@@ -103,8 +103,12 @@ def sanity_problems(plan: RunPlan, model: torch.nn.Module) -> list[str]:
     if not enabled(plan.hparams) or evaluation_problems(cfg, model):
         return []  # switched off, or the check reports what the validation would fail on
     train, val = build_dataset(cfg, "train"), build_dataset(cfg, "val")
-    evaluator = CocoEvaluator(cfg, plan.hparams.get("coco_backend"))
-    evaluator.set_dataset_meta(val.metainfo)
+    evaluator = CocoEvaluator(
+        cfg,
+        plan.hparams.get("coco_backend"),
+        plan.hparams.get("streamed_evaluation"),
+        meta=val.metainfo,
+    )
     schedule = plan.schedule(len(train))
     position = (0, 0, schedule.max_batches, schedule.max_epochs)
     seed, amp = config_seed(cfg) or 0, amp_settings(cfg, cuda=False)

@@ -165,8 +165,12 @@ class TrainingSession:
         self.lr_schedulers = ParamSchedulers(
             self.optimizer, cfg, self.schedule.epoch_length, self.schedule.max_batches
         )
-        self.evaluator = CocoEvaluator(cfg, plan.hparams.get("coco_backend"))
-        self.evaluator.set_dataset_meta(self.val_dataset.metainfo)
+        self.evaluator = CocoEvaluator(
+            cfg,
+            plan.hparams.get("coco_backend"),
+            plan.hparams.get("streamed_evaluation"),
+            meta=self.val_dataset.metainfo,
+        )
 
     # Training steps.
 

@@ -24,7 +24,7 @@ import torch
 from mmengine.logging import MMLogger
 
 from utils.base.errors import WeightsError
-from utils.base.files import CACHE_ROOT, safe_load, strip_module_prefix
+from utils.base.files import CACHE_ROOT, not_a_checkpoint, safe_load, strip_module_prefix
 
 logger = logging.getLogger(__name__)
 # Set to 1 for mmengine's weight-initialisation messages (one per parameter: ~420 log lines for
@@ -119,23 +119,6 @@ def resolve(source: str, cache_dir: Path | None = None) -> Path:
     return path
 
 
-def _not_a_checkpoint(path: Path, exc: Exception) -> WeightsError:
-    text = str(exc)
-    unsafe = re.search(r"GLOBAL (\S+) (was not an allowed global|whose module)", text)
-    if unsafe:
-        return WeightsError(
-            f"{path} holds {unsafe.group(1)}, which is not among the types allowed for a safe "
-            "load. If you trust the file, keep just its weights: torch.save({'state_dict': "
-            "torch.load(path, weights_only=False)['state_dict']}, new_path)."
-        )
-    # torch wraps the cause in paragraphs of advice about weights_only: keep the cause.
-    causes = [part.strip() for part in text.split("\n\n") if "weights_only" not in part]
-    cause = next((c for c in causes if c), "the file ends too early")
-    return WeightsError(
-        f"{path} is not a PyTorch checkpoint ({type(exc).__name__}: {cause.splitlines()[0]})"
-    )
-
-
 def read_state_dict(path: Path) -> dict[str, torch.Tensor]:
     """The tensors of a checkpoint (`{'state_dict': ...}` or a bare state dict), unwrapped from
     DDP. Read with `weights_only=True`: unpickling calls nothing beyond an allow-list."""
@@ -146,7 +129,7 @@ def read_state_dict(path: Path) -> dict[str, torch.Tensor]:
     except OSError:
         raise
     except Exception as exc:  # what a wrong file raises varies with its bytes
-        raise _not_a_checkpoint(path, exc) from exc
+        raise not_a_checkpoint(path, exc) from exc
     state = obj.get("state_dict", obj) if isinstance(obj, dict) else obj
     items = state.items() if isinstance(state, dict) else ()
     tensors = {key: value for key, value in items if isinstance(value, torch.Tensor)}

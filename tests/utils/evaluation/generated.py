@@ -33,8 +33,9 @@ def evaluated_set(folder: Path) -> dict[str, Any]:
     ann_file = folder / "instances_val.json"
     ann_file.write_text(json.dumps(data.gt))
     config = {"type": "CocoMetric", "ann_file": str(ann_file), "metric": ["bbox", "segm"]}
-    evaluator = CocoEvaluator(Config({"val_evaluator": config}), backend="hotcoco")
-    evaluator.set_dataset_meta({"classes": CLASSES})
+    evaluator = CocoEvaluator(
+        Config({"val_evaluator": config}), backend="hotcoco", meta={"classes": CLASSES}
+    )
     evaluator.update(to_samples(data.predictions, with_masks=True))
     with contextlib.redirect_stdout(io.StringIO()):
         metrics = evaluator.compute([evaluator.entries])

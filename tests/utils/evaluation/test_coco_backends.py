@@ -51,8 +51,7 @@ def evaluate(ann_file: str, records: list, backend: str, **metric: object) -> di
         {"val_evaluator": {"type": "CocoMetric", "ann_file": ann_file, "metric": ["bbox", "segm"]}}
     )
     cfg.val_evaluator.update(metric)
-    evaluator = CocoEvaluator(cfg, backend)
-    evaluator.set_dataset_meta({"classes": CLASSES})
+    evaluator = CocoEvaluator(cfg, backend, meta={"classes": CLASSES})
     evaluator.update(to_samples(records, with_masks=True))
     return evaluator.compute([evaluator.entries])
 
@@ -123,10 +122,10 @@ def test_backend_is_checked(generated: tuple, monkeypatch: pytest.MonkeyPatch) -
     ann_file, _ = generated
     cfg = Config({"val_evaluator": {"type": "CocoMetric", "ann_file": ann_file}})
     with pytest.raises(ConfigError, match="coco_backend is 'fast'.*hotcoco, pycocotools"):
-        CocoEvaluator(cfg, "fast")
+        CocoEvaluator(cfg, "fast", meta={"classes": CLASSES})
     monkeypatch.setitem(sys.modules, "hotcoco", None)  # as if not installed
     with pytest.raises(ImportError, match="coco_backend is 'hotcoco'.*pycocotools"):
-        CocoEvaluator(cfg, "hotcoco")
+        CocoEvaluator(cfg, "hotcoco", meta={"classes": CLASSES})
 
 
 def mask_cases() -> list[np.ndarray]:
@@ -168,8 +167,7 @@ def test_per_class_names_are_grouped(generated: tuple) -> None:
     renamed = Path(ann_file).with_name("renamed.json")
     renamed.write_text(json.dumps(gt))
     cfg = Config({"val_evaluator": {"type": "CocoMetric", "ann_file": str(renamed)}})
-    evaluator = CocoEvaluator(cfg)
-    evaluator.set_dataset_meta({"classes": ("traffic light", *CLASSES[1:])})
+    evaluator = CocoEvaluator(cfg, meta={"classes": ("traffic light", *CLASSES[1:])})
     evaluator.update(to_samples(copy.deepcopy(records[:10]), with_masks=False))
     metrics = evaluator.compute([evaluator.entries])
     assert "bbox_AP_per_class/traffic_light" in metrics

@@ -72,8 +72,9 @@ def test_calibration_and_tide_from_pycocotools_matches(evaluated: dict, task: st
 def test_the_pycocotools_engine_gives_the_same_report(evaluated: dict) -> None:
     """With the reference engine, hotcoco evaluates the same detections again for the report."""
     config = {"type": "CocoMetric", "ann_file": str(evaluated["ann_file"]), "metric": "bbox"}
-    evaluator = CocoEvaluator(Config({"val_evaluator": config}), backend="pycocotools")
-    evaluator.set_dataset_meta({"classes": CLASSES})
+    evaluator = CocoEvaluator(
+        Config({"val_evaluator": config}), backend="pycocotools", meta={"classes": CLASSES}
+    )
     evaluator.update(to_samples(evaluated["samples"], with_masks=False))
     with contextlib.redirect_stdout(io.StringIO()):
         evaluator.compute([evaluator.entries])

@@ -221,8 +221,9 @@ def test_many_classes_draw_without_labels() -> None:
 
 def test_no_detections_give_zero_f1_and_no_report(evaluated: dict) -> None:
     config = {"type": "CocoMetric", "ann_file": str(evaluated["ann_file"]), "metric": "bbox"}
-    evaluator = CocoEvaluator(Config({"val_evaluator": config}), backend="hotcoco")
-    evaluator.set_dataset_meta({"classes": CLASSES})
+    evaluator = CocoEvaluator(
+        Config({"val_evaluator": config}), backend="hotcoco", meta={"classes": CLASSES}
+    )
     records = generate(3).predictions
     for record in records:
         record.update(bboxes=record["bboxes"][:0], scores=record["scores"][:0])

@@ -26,8 +26,7 @@ def evaluator_and_gt(synthetic_data: dict) -> tuple[CocoEvaluator, COCO]:
 
     register_all_modules(init_default_scope=True)
     cfg = build_config({"config_file": DEMO, "global_batch_size": 2}, synthetic_data)
-    evaluator = CocoEvaluator(cfg)
-    evaluator.set_dataset_meta({"classes": ("circle", "square", "triangle")})
+    evaluator = CocoEvaluator(cfg, meta={"classes": ("circle", "square", "triangle")})
     return evaluator, COCO(cfg.val_evaluator.ann_file)
 
 

@@ -100,8 +100,7 @@ def test_derived_names_are_what_the_evaluator_computes(
             "val_dataloader": {"dataset": {"ann_file": ann_file, "metainfo": {"classes": CLASSES}}},
         }
     )
-    evaluator = CocoEvaluator(cfg, "hotcoco")
-    evaluator.set_dataset_meta({"classes": CLASSES})
+    evaluator = CocoEvaluator(cfg, "hotcoco", meta={"classes": CLASSES})
     evaluator.update(to_samples(records, with_masks=True))
     computed = evaluator.compute([evaluator.entries])
     assert reported_metrics(cfg) == set(computed) | set(ENGINE_KEYS)

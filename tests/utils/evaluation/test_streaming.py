@@ -8,6 +8,7 @@ import contextlib
 import io
 import json
 import pickle
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -18,8 +19,16 @@ from pycocotools.coco import COCO
 from pycocotools.cocoeval import COCOeval
 
 from bench.coco_data import CATEGORY_IDS, CLASSES, generate, to_samples
-from utils.evaluation.evaluator import COCO_ITEMS, CocoEvaluator
-from utils.evaluation.report import evaluation_report
+from utils.base.errors import ConfigError
+from utils.evaluation.evaluator import COCO_ITEMS, CocoEvaluator, streamed_evaluation
+from utils.evaluation.report import (
+    NOT_STREAMED,
+    REPORT_FILE,
+    evaluation_report,
+    report_lines,
+    save_report,
+)
+from utils.evaluation.validation import VALIDATION_FAILURE, RankValidation, combine
 
 BATCH = 8
 
@@ -57,13 +66,17 @@ def reference(ann_file: str, records: list, iou_type: str) -> COCOeval:
     return coco_eval
 
 
-def rank(ann_file: str, records: list, streamed: bool) -> CocoEvaluator:
-    """One rank's evaluator after its batches."""
-    cfg = Config(
+def evaluator_cfg(ann_file: str) -> Config:
+    return Config(
         {"val_evaluator": {"type": "CocoMetric", "ann_file": ann_file, "metric": ["bbox", "segm"]}}
     )
-    evaluator = CocoEvaluator(cfg, "hotcoco", streamed=streamed)
-    evaluator.set_dataset_meta({"classes": CLASSES})
+
+
+def rank(ann_file: str, records: list, streamed: bool) -> CocoEvaluator:
+    """One rank's evaluator after its batches."""
+    evaluator = CocoEvaluator(
+        evaluator_cfg(ann_file), "hotcoco", streamed=streamed, meta={"classes": CLASSES}
+    )
     for start in range(0, len(records), BATCH):
         evaluator.update(to_samples(records[start : start + BATCH], with_masks=True))
     return evaluator
@@ -118,3 +131,80 @@ def test_no_detections_stream_zeros(generated: tuple) -> None:
     assert metrics["bbox_mAP"] == metrics["segm_mAP"] == metrics["segm_best_F1"] == 0.0
     assert evaluation_report(evaluator.coco_metric()) is None
     assert np.isfinite(list(metrics.values())).all()
+
+
+def validation(ann_file: str, batches: list[list], streamed: bool) -> tuple[dict, CocoEvaluator]:
+    """A validation as the engines run it over 2 ranks: each rank's batches predicted and added
+    (`RankValidation`), its share pickled to the chief, `combine` there; the chief's metrics
+    and evaluator."""
+    ranks = []
+    for _ in range(2):
+        evaluator = CocoEvaluator(
+            evaluator_cfg(ann_file), "hotcoco", streamed=streamed, meta={"classes": CLASSES}
+        )
+        ranks.append(RankValidation(evaluator))
+    for index, records in enumerate(batches):  # dealt round-robin, as the validation loader
+        ranks[index % 2].update({}, lambda _, records=records: to_samples(records, with_masks=True))
+    shares = [pickle.loads(pickle.dumps(r.share())) for r in ranks]
+    assert all(not r.failures for r in ranks)
+    if streamed:  # the chief gathers image ids and matches, not detections
+        assert all(not any(per_metric) for share in shares for _, per_metric in share.entries)
+    with contextlib.redirect_stdout(io.StringIO()):
+        return combine(ranks[0].evaluator, shares), ranks[0].evaluator
+
+
+def test_streamed_validation_over_two_ranks(generated: tuple, tmp_path: Path) -> None:
+    ann_file, records = generated
+    batches = [records[start : start + BATCH] for start in range(0, len(records), BATCH)]
+    streamed, chief = validation(ann_file, batches, streamed=True)
+    gathered, gathered_chief = validation(ann_file, batches, streamed=False)
+    assert streamed == gathered
+    for iou_type in ("bbox", "segm"):
+        expected = reference(ann_file, records, iou_type).stats.tolist()
+        got = [streamed[f"{iou_type}_{item}".replace("@", "_")] for item in COCO_ITEMS]
+        assert got == pytest.approx(expected, abs=1e-12), iou_type
+
+    # The report says what it left out, in report.json and in the lines the log shows.
+    report = evaluation_report(chief.coco_metric())
+    assert report["not_computed"] == {
+        "parts": ["tide", "calibration", "confusion_matrix"],
+        "tasks": ["bbox", "segm"],
+        "reason": NOT_STREAMED,
+    }
+    assert "streamed_evaluation: true" in NOT_STREAMED
+    assert "confusion_matrix" not in report and "tide" not in report["tasks"]["bbox"]
+    assert report_lines(report)[-1] == NOT_STREAMED
+    save_report(report, {}, tmp_path)
+    assert (
+        json.loads((tmp_path / REPORT_FILE).read_text())["not_computed"]["reason"] == NOT_STREAMED
+    )
+    full = evaluation_report(gathered_chief.coco_metric())
+    assert "not_computed" not in full and full["tasks"]["bbox"]["tide"]["ap50"] > 0
+    assert NOT_STREAMED not in report_lines(full)
+
+
+def test_an_image_on_two_ranks_fails_a_streamed_validation(generated: tuple) -> None:
+    ann_file, records = generated
+    # Ranks 0 and 1 both predict records[4:8]: their streams cannot count it once.
+    metrics, _ = validation(ann_file, [records[:8], records[4:12]], streamed=True)
+    assert set(metrics) == {VALIDATION_FAILURE}
+    assert metrics[VALIDATION_FAILURE].startswith(
+        f"Image {records[4]['img_id']!r} was predicted on ranks 0 and 1"
+    )
+    assert "streamed_evaluation: false" in metrics[VALIDATION_FAILURE]
+    gathered, _ = validation(ann_file, [records[:8], records[4:12]], streamed=False)
+    assert gathered["num_images"] == 12  # gathered entries count each image once
+
+
+def test_the_hyperparameter_is_checked(generated: tuple, caplog: pytest.LogCaptureFixture) -> None:
+    assert streamed_evaluation(None) is False
+    with pytest.raises(ConfigError, match="streamed_evaluation is 'yes': use true"):
+        streamed_evaluation("yes")
+    with pytest.raises(ConfigError, match="streamed_evaluation is 1"):
+        CocoEvaluator(evaluator_cfg(generated[0]), "hotcoco", streamed=1, meta={"classes": CLASSES})
+    # pycocotools cannot stream: gathered, and the log says so.
+    evaluator = CocoEvaluator(
+        evaluator_cfg(generated[0]), "pycocotools", streamed=True, meta={"classes": CLASSES}
+    )
+    assert evaluator.streams == {}
+    assert "CocoMetric is gathered to the chief instead" in caplog.text

@@ -135,9 +135,10 @@ def test_iou_thresholds_given_as_a_list_are_computed(tmp_path: Path, backend: st
     results = []
     for thresholds in (None, [0.5, 0.55, 0.6, 0.65, 0.7, 0.75, 0.8, 0.85, 0.9, 0.95]):
         evaluator = CocoEvaluator(
-            Config({"val_evaluator": {**metric, "iou_thrs": thresholds}}), backend
+            Config({"val_evaluator": {**metric, "iou_thrs": thresholds}}),
+            backend,
+            meta={"classes": CLASSES},
         )
-        evaluator.set_dataset_meta({"classes": CLASSES})
         evaluator.update(to_samples(data.predictions, with_masks=True))
         results.append(evaluator.compute([evaluator.entries]))
     assert results[0]["bbox_mAP_50"] >= 0
