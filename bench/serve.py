@@ -3,9 +3,13 @@ HTTP handler, on loopback, same checkpoint, same images.
 
 The checkpoint is a tiny Mask R-CNN trained here for 2 batches on generated 128 px data (as the
 tests' model): untrained enough that every image gets the test_cfg's 100 detections with masks,
-so both sides do the full post-processing. Each side runs as its own subprocess with the
-machine's CPUs, one at a time, in alternating order; clients are threads of this process, each
-posting one image after the other (closed loop). The baseline, started as
+so both sides do the full post-processing. The images are posted twice over: as generated (128 px
+PNGs, the model's test scale) and at COCO's size (the same images as 640x480 JPEGs, which the
+config's test pipeline resizes: decoding, resizing, pasting and encoding the masks at full size
+are then part of each request). Each side runs as its own subprocess with the machine's CPUs, one
+at a time, in alternating order; ours as one replica per CPU (`--replicas`, what
+docs/serving.md advises on a CPU machine). Clients are threads of this process, each posting one
+image after the other (closed loop). The baseline, started as
 `python -m bench.serve baseline CHECKPOINT PORT`, answers one request at a time with
 `DetInferencer(image)` (batch 1), as a handler of Python's `http.server` does.
 """
@@ -24,14 +28,20 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
+import cv2
 import requests
 
 REPO = Path(__file__).resolve().parent.parent
 LEVELS = (1, 8, 32)
+SIDES = ("ours", "baseline")
 # Requests per concurrency level (after 4 warm-up requests per side).
 SIZES = {True: {1: 4, 8: 16, 32: 32, "repeats": 1}, False: {1: 40, 8: 96, 32: 160, "repeats": 3}}
 BASELINE = "mmdet DetInferencer behind http.server, one image per request"
-OURS_ARGS = ("--max-batch-size", "8", "--score-thr", "0")  # no batch wait: its default
+# One replica per CPU, each with one torch thread: inside a replica a second thread bought
+# nothing here (docs/serving.md, Under load). No batch wait: its default.
+OURS_ARGS = ("--replicas", str(os.cpu_count() or 1), "--max-batch-size", "8", "--score-thr", "0")
+# The images as generated, and at COCO's size (JPEG, as COCO's are), resized by the test pipeline.
+VARIANTS = ("128 px", "640x480")
 # Lower is better for latency, higher for throughput (issue 26's goals).
 GOALS = {"throughput": {1: 1.0, 8: 1.3, 32: 1.3}, "p50": {1: 1.1, 8: 1.0, 32: 1.0}}
 GOALS["p99"] = {1: 1.2, 8: 1.2, 32: 1.2}
@@ -120,15 +130,27 @@ def detections(side: str, answer: bytes) -> int:
     return len(data["detections"] if side == "ours" else data["labels"])
 
 
+def coco_sized(paths: list[Path]) -> list[bytes]:
+    """The images as 640x480 JPEGs (quality 90)."""
+    bodies = []
+    for path in paths:
+        image = cv2.resize(cv2.imread(str(path)), (640, 480), interpolation=cv2.INTER_LINEAR)
+        ok, jpeg = cv2.imencode(".jpg", image, [cv2.IMWRITE_JPEG_QUALITY, 90])
+        if not ok:
+            raise RuntimeError(f"OpenCV could not encode {path} as JPEG")
+        bodies.append(jpeg.tobytes())
+    return bodies
+
+
 def measure(quick: bool, repeats: int | None = None) -> list[dict[str, Any]]:
     size = SIZES[quick]
     repeats = repeats or size["repeats"]
-    results: dict[tuple[str, str, int], list[float]] = {}
-    counts: dict[str, list[int]] = {}
+    results: dict[tuple[str, str, str, int], list[float]] = {}
+    counts: dict[tuple[str, str], list[int]] = {}
     with tempfile.TemporaryDirectory(prefix="bench-serve-") as tmp:
         folder = Path(tmp)
         checkpoint, images = train_checkpoint(folder)
-        bodies = [path.read_bytes() for path in images]
+        bodies = {"128 px": [path.read_bytes() for path in images], "640x480": coco_sized(images)}
         for rep in range(repeats):
             for side in ("ours", "baseline") if rep % 2 == 0 else ("baseline", "ours"):
                 print(f"[bench.serve] {rep + 1}/{repeats} {side}", flush=True)
@@ -136,39 +158,54 @@ def measure(quick: bool, repeats: int | None = None) -> list[dict[str, Any]]:
                 process = start_server(side, checkpoint, port, folder / f"{side}-{rep}.log")
                 url = f"http://127.0.0.1:{port}/v1/detect"
                 try:
-                    with requests.Session() as session:
-                        warm = [post(session, url, body)[1] for body in bodies[:4]]
-                    counts[side] = [detections(side, answer) for answer in warm]
-                    for level in LEVELS:
-                        figures = load(url, bodies, level, size[level])
-                        for key, value in figures.items():
-                            results.setdefault((side, key, level), []).append(value)
+                    for variant in VARIANTS:
+                        with requests.Session() as session:
+                            warm = [post(session, url, body)[1] for body in bodies[variant][:4]]
+                        counts[(side, variant)] = [detections(side, answer) for answer in warm]
+                        for level in LEVELS:
+                            figures = load(url, bodies[variant], level, size[level])
+                            for key, value in figures.items():
+                                results.setdefault((variant, side, key, level), []).append(value)
                 finally:
                     stop_server(process)
-    agree = "the same" if counts["ours"] == counts["baseline"] else "DIFFERENT"
-    notes = (
-        f"{len(bodies)} generated 128 px PNGs; ours `python -m on_ray serve "
-        f"{' '.join(OURS_ARGS)}` (1 replica, all CPUs); requests per level "
-        f"{', '.join(f'{level}: {size[level]}' for level in LEVELS)}; detections per image of "
-        f"the first 4: ours {counts['ours']}, baseline {counts['baseline']} ({agree})"
-    )
-    return [row(results, key, level, repeats, notes) for key in GOALS for level in LEVELS]
+    rows = []
+    for variant in VARIANTS:
+        ours, baseline = counts[("ours", variant)], counts[("baseline", variant)]
+        notes = (
+            f"{len(images)} generated images, {variant_note(variant)}; ours `python -m on_ray "
+            f"serve {' '.join(OURS_ARGS)}` (one replica per CPU); requests per level "
+            f"{', '.join(f'{level}: {size[level]}' for level in LEVELS)}; detections per image "
+            f"of the first 4: ours {ours}, baseline {baseline} "
+            f"({'the same' if ours == baseline else 'DIFFERENT'}); load average at the end "
+            f"{os.getloadavg()[0]:.2f}"
+        )
+        rows += [
+            row(results, variant, key, level, repeats, notes) for key in GOALS for level in LEVELS
+        ]
+    return rows
+
+
+def variant_note(variant: str) -> str:
+    if variant == "128 px":
+        return "128 px PNGs (the model's test scale)"
+    return "640x480 JPEGs (quality 90) resized by the config's test pipeline to its 128 px scale"
 
 
 def row(
-    results: dict[tuple[str, str, int], list[float]],
+    results: dict[tuple[str, str, str, int], list[float]],
+    variant: str,
     key: str,
     level: int,
     repeats: int,
     notes: str,
 ) -> dict[str, Any]:
-    ours = statistics.median(results[("ours", key, level)])
-    baseline = statistics.median(results[("baseline", key, level)])
+    ours_runs, baseline_runs = (results[(variant, side, key, level)] for side in SIDES)
+    ours, baseline = statistics.median(ours_runs), statistics.median(baseline_runs)
     ratio, goal = ours / baseline, GOALS[key][level]
     higher = key == "throughput"
     name = "Serving throughput" if higher else f"Serving latency {key}"
     return {
-        "measure": f"{name}, Mask R-CNN R18-FPN, 128 px, {level} concurrent clients",
+        "measure": f"{name}, Mask R-CNN R18-FPN, {variant}, {level} concurrent clients",
         "unit": "images/s" if higher else "s",
         "ours": ours,
         "baseline": baseline,
@@ -178,8 +215,7 @@ def row(
         "goal": f">= {goal:.2f}" if higher else f"<= {goal:.2f}",
         "met": ratio >= goal if higher else ratio <= goal,
         "details": f"median of {repeats} run(s) each; {notes}; ours "
-        f"{[round(v, 4) for v in results[('ours', key, level)]]}, baseline "
-        f"{[round(v, 4) for v in results[('baseline', key, level)]]}",
+        f"{[round(v, 4) for v in ours_runs]}, baseline {[round(v, 4) for v in baseline_runs]}",
     }
 
 
