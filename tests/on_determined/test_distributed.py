@@ -24,6 +24,15 @@ def two_ranks(tmp_path_factory: pytest.TempPathFactory, synthetic_cache: Path) -
     return output
 
 
+@pytest.fixture(scope="module")
+def toy_two_ranks(tmp_path_factory: pytest.TempPathFactory, synthetic_cache: Path) -> Path:
+    """The output of one 2-rank run of the toy detector (6 batches), which detects enough by
+    then for validation metrics to compare: read by the gradient-sync and streaming tests."""
+    output = tmp_path_factory.mktemp("toy-two-ranks")
+    run(output, synthetic_cache, 2, "--max-batches", "6", config=TOY)
+    return output
+
+
 def records_of(output: Path) -> list[dict]:
     return [json.loads(line) for line in (output / "metrics.jsonl").read_text().splitlines()]
 
@@ -43,6 +52,30 @@ def test_two_ranks_share_the_global_batch_and_evaluate_each_image_once(two_ranks
     assert len([k for k in validation if k.startswith("bbox_AP_per_class/")]) == 3
     (checkpoint,) = (two_ranks / "determined").iterdir()
     assert (checkpoint / "state_dict.pth").is_file()
+
+
+def test_a_streamed_validation_on_two_ranks_equals_the_gathered_one(
+    tmp_path: Path, synthetic_cache: Path, toy_two_ranks: Path
+) -> None:
+    """`streamed_evaluation: true`: each rank matches its own images as it predicts them and the
+    chief merges the ranks' states; the same run's metrics as when the chief gathers every
+    detection (7 images dealt to 2 ranks in uneven batches)."""
+    sets = ("--set", "hyperparameters.streamed_evaluation=true")
+    streamed = run(tmp_path, synthetic_cache, 2, "--max-batches", "6", *sets, config=TOY)
+    assert losses(streamed) == losses(records_of(toy_two_ranks))  # the same run up to there
+    (gathered,) = [r["metrics"] for r in records_of(toy_two_ranks) if r["kind"] == "validation"]
+    (got,) = [r["metrics"] for r in streamed if r["kind"] == "validation"]
+    assert got["num_images"] == DATA["num_val"]
+    assert 0.1 < gathered["bbox_mAP"] < 0.9  # real numbers to compare, not zeros
+    keys = [k for k in gathered if k.startswith("bbox_")]
+    assert len(keys) == 12 + 4 + 3  # the statistics, the best F1's, the per-class AP
+    assert {k: got[k] for k in keys} == {k: gathered[k] for k in keys}
+    # The report says what a streamed evaluation leaves out; the gathered one has it all.
+    for output, streamed_run in ((tmp_path, True), (toy_two_ranks, False)):
+        (checkpoint,) = (output / "determined").iterdir()
+        report = json.loads((checkpoint / "evaluation" / "report.json").read_text())
+        assert ("not_computed" in report) is streamed_run, output
+        assert ("tide" in report["tasks"]["bbox"]) is not streamed_run, output
 
 
 def test_two_local_runs_on_one_host_keep_apart(tmp_path: Path, synthetic_cache: Path) -> None:
@@ -105,14 +138,14 @@ def test_the_sanity_pass_leaves_no_trace_on_two_ranks(
 
 
 def test_two_ranks_of_two_train_like_one_rank_of_four(
-    tmp_path: Path, synthetic_cache: Path
+    tmp_path: Path, synthetic_cache: Path, toy_two_ranks: Path
 ) -> None:
     """Gradient sync: same global batches, same losses, same parameters (toy per-image loss)."""
     one = run(tmp_path / "one", synthetic_cache, 1, "--max-batches", "6", config=TOY)
-    two = run(tmp_path / "two", synthetic_cache, 2, "--max-batches", "6", config=TOY)
+    two = records_of(toy_two_ranks)
     assert len(set(losses(one).values())) == 6  # training moves
     assert losses(two) == pytest.approx(losses(one), rel=1e-5)
-    w1, w2 = final_weights(tmp_path / "one"), final_weights(tmp_path / "two")
+    w1, w2 = final_weights(tmp_path / "one"), final_weights(toy_two_ranks)
     assert w1.keys() == w2.keys() and len(w1) == 4
     for name in w1:
         torch.testing.assert_close(w2[name], w1[name], rtol=1e-5, atol=1e-7, msg=name)
