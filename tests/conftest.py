@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.servers import mlflow_server  # noqa: F401  (a fixture, for every module)
+from tests.servers import emulator, mlflow_server  # noqa: F401  (fixtures, for every module)
 
 REPO = Path(__file__).resolve().parent.parent
 

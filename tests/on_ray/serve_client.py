@@ -4,7 +4,6 @@ answers compared with `predict`'s, and Ray's metrics read back."""
 from __future__ import annotations
 
 import io
-import socket
 import threading
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -12,12 +11,6 @@ from pathlib import Path
 import numpy as np
 import PIL.Image
 import requests
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def png(array: np.ndarray) -> bytes:

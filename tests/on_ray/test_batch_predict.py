@@ -8,7 +8,6 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
-from collections.abc import Iterator
 from pathlib import Path
 
 import cv2
@@ -24,18 +23,6 @@ from on_ray.cli import main  # noqa: E402
 
 pytestmark = pytest.mark.slow
 IMAGES = 4  # of the generated validation split, in batches of 2
-
-
-@pytest.fixture(scope="module")
-def local_ray() -> Iterator[None]:
-    ray.init(
-        num_cpus=2,
-        include_dashboard=False,
-        object_store_memory=100 * 1024 * 1024,
-        logging_level="WARNING",
-    )
-    yield
-    ray.shutdown()
 
 
 @pytest.fixture(scope="module")
@@ -234,17 +221,6 @@ def first_results(out: Path, ann_file: Path, images: list[Path], folder: Path) -
         selected = [{**r, "image_id": ids[r["image_id"]]} for r in results if r["image_id"] in ids]
         (folder / f"results.{task}.json").write_text(json.dumps(selected))
     return folder
-
-
-@pytest.fixture(scope="module")
-def emulator() -> Iterator[str]:
-    from gcp_storage_emulator.server import create_server
-
-    port = free_port()
-    server = create_server("127.0.0.1", port, in_memory=True)
-    server.start()
-    yield f"http://127.0.0.1:{port}"
-    server.stop()
 
 
 def test_bad_files_are_listed_and_the_rest_predicted_from_cloud_storage(

@@ -37,18 +37,6 @@ GFL_OVERRIDES = '"train_cfg.val_interval": 1, "model.test_cfg.score_thr": 0.0'
 FEW_DRAWINGS = "hyperparameters.visualization={num_images: 2}"
 
 
-@pytest.fixture(scope="module")
-def local_ray() -> None:
-    ray.init(
-        num_cpus=2,
-        include_dashboard=False,
-        object_store_memory=100 * 1024 * 1024,
-        logging_level="WARNING",
-    )
-    yield
-    ray.shutdown()
-
-
 def overrides(
     cache: Path, config: str = GFL, data: dict = TRAIN_DATA, mmdet: str = GFL_OVERRIDES
 ) -> list[str]:

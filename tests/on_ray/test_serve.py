@@ -25,7 +25,6 @@ from on_ray.serve_http import QUERY_KEYS
 from tests.conftest import TINY_SYNTHETIC
 from tests.on_ray.serve_client import (
     assert_same_detections,
-    free_port,
     png,
     post,
     post_many,
@@ -33,6 +32,7 @@ from tests.on_ray.serve_client import (
     scrape,
     together,
 )
+from tests.servers import free_port
 
 REPO = Path(__file__).resolve().parents[2]
 CHROMIUM = Path("/usr/bin/chromium")

@@ -22,17 +22,24 @@ from utils.evaluation.report import evaluation_report
 SCORE_THR = 0.3
 
 
+def written_set(folder: Path, images: int, **options: Any) -> tuple[str, Any]:
+    """`bench.coco_data.generate(images, **options)` with its annotation file written into
+    `folder` (mmdet's modules registered, as the evaluator needs): the file's path and the set."""
+    from mmdet.utils import register_all_modules
+
+    register_all_modules(init_default_scope=True)
+    data = generate(images, **options)
+    ann_file = folder / "instances_val.json"
+    ann_file.write_text(json.dumps(data.gt))
+    return str(ann_file), data
+
+
 def evaluated_set(folder: Path) -> dict[str, Any]:
     """60 generated images evaluated for bbox and segm by hotcoco, as a validation does: the
     metrics, the COCO metric and its report, the annotation file (in `folder`), the detections
     and masks in COCO's results format, the predicted samples."""
-    from mmdet.utils import register_all_modules
-
-    register_all_modules(init_default_scope=True)
-    data = generate(60)
-    ann_file = folder / "instances_val.json"
-    ann_file.write_text(json.dumps(data.gt))
-    config = {"type": "CocoMetric", "ann_file": str(ann_file), "metric": ["bbox", "segm"]}
+    ann_file, data = written_set(folder, 60)
+    config = {"type": "CocoMetric", "ann_file": ann_file, "metric": ["bbox", "segm"]}
     evaluator = CocoEvaluator(
         Config({"val_evaluator": config}), backend="hotcoco", meta={"classes": CLASSES}
     )
@@ -45,7 +52,7 @@ def evaluated_set(folder: Path) -> dict[str, Any]:
         "metrics": metrics,
         "metric": metric,
         "report": evaluation_report(metric, SCORE_THR),
-        "ann_file": ann_file,
+        "ann_file": Path(ann_file),
         "detections": coco_detections(predictions, list(CATEGORY_IDS), "bbox"),
         "masks": coco_detections(predictions, list(CATEGORY_IDS), "segm"),
         "samples": data.predictions,

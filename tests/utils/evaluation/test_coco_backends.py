@@ -16,13 +16,13 @@ import numpy as np
 import pytest
 import torch
 from mmdet.structures.mask import encode_mask_results
-from mmdet.utils import register_all_modules
 from mmengine.config import Config
 from pycocotools import mask as mask_utils
 from pycocotools.coco import COCO
 from pycocotools.cocoeval import COCOeval
 
-from bench.coco_data import CATEGORY_IDS, CLASSES, generate, to_samples
+from bench.coco_data import CATEGORY_IDS, CLASSES, to_samples
+from tests.utils.evaluation.generated import written_set
 from utils.base.errors import ConfigError
 from utils.evaluation.coco_metric import encode_cropped, encode_masks
 from utils.evaluation.evaluator import COCO_ITEMS, CocoEvaluator
@@ -32,8 +32,8 @@ NUM_IMAGES = 60
 
 @pytest.fixture(scope="module")
 def generated(tmp_path_factory: pytest.TempPathFactory) -> tuple[str, list]:
-    register_all_modules(init_default_scope=True)
-    data = generate(NUM_IMAGES, image_size=128, seed=3)
+    folder = tmp_path_factory.mktemp("coco")
+    ann_file, data = written_set(folder, NUM_IMAGES, image_size=128, seed=3)
     gt = data.gt
     assert any(a["iscrowd"] and isinstance(a["segmentation"], dict) for a in gt["annotations"])
     assert any(a["iscrowd"] and isinstance(a["segmentation"], list) for a in gt["annotations"])
@@ -41,9 +41,7 @@ def generated(tmp_path_factory: pytest.TempPathFactory) -> tuple[str, list]:
     assert len(annotated) < len(gt["images"])  # images without annotations
     assert any(not len(r["labels"]) for r in data.predictions)  # images without predictions
     assert max(np.bincount(r["labels"]).max() for r in data.predictions if len(r["labels"])) > 100
-    ann_file = tmp_path_factory.mktemp("coco") / "instances_val.json"
-    ann_file.write_text(json.dumps(gt))
-    return str(ann_file), data.predictions
+    return ann_file, data.predictions
 
 
 def evaluate(ann_file: str, records: list, backend: str, **metric: object) -> dict[str, float]:

@@ -13,8 +13,9 @@ from mmdet.registry import MODELS
 from mmdet.utils import register_all_modules
 from mmengine.config import Config
 
-from bench.coco_data import CLASSES, generate, to_samples
+from bench.coco_data import CLASSES, to_samples
 from tests.conftest import REPO, SGD_SETS, train
+from tests.utils.evaluation.generated import written_set
 from utils.base.errors import ConfigError
 from utils.evaluation.evaluator import CocoEvaluator
 from utils.evaluation.metric_names import (
@@ -65,11 +66,8 @@ def test_derived_names_are_what_a_real_run_reports_to_determined(
 
 @pytest.fixture(scope="module")
 def evaluated(tmp_path_factory: pytest.TempPathFactory) -> tuple[str, list]:
-    register_all_modules(init_default_scope=True)
-    data = generate(8, image_size=128, seed=1)
-    ann_file = tmp_path_factory.mktemp("coco") / "instances_val.json"
-    ann_file.write_text(json.dumps(data.gt))
-    return str(ann_file), data.predictions
+    ann_file, data = written_set(tmp_path_factory.mktemp("coco"), 8, image_size=128, seed=1)
+    return ann_file, data.predictions
 
 
 @pytest.mark.parametrize(

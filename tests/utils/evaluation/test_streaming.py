@@ -12,13 +12,13 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from mmdet.utils import register_all_modules
 from mmengine.config import Config
 from pycocotools import mask as mask_utils
 from pycocotools.coco import COCO
 from pycocotools.cocoeval import COCOeval
 
-from bench.coco_data import CATEGORY_IDS, CLASSES, generate, to_samples
+from bench.coco_data import CATEGORY_IDS, CLASSES, to_samples
+from tests.utils.evaluation.generated import written_set
 from utils.base.errors import ConfigError
 from utils.evaluation.evaluator import COCO_ITEMS, CocoEvaluator, streamed_evaluation
 from utils.evaluation.report import (
@@ -35,11 +35,8 @@ BATCH = 8
 
 @pytest.fixture(scope="module")
 def generated(tmp_path_factory: pytest.TempPathFactory) -> tuple[str, list]:
-    register_all_modules(init_default_scope=True)
-    data = generate(60, image_size=128, seed=3)
-    ann_file = tmp_path_factory.mktemp("coco") / "instances_val.json"
-    ann_file.write_text(json.dumps(data.gt))
-    return str(ann_file), data.predictions
+    ann_file, data = written_set(tmp_path_factory.mktemp("coco"), 60, image_size=128, seed=3)
+    return ann_file, data.predictions
 
 
 def reference(ann_file: str, records: list, iou_type: str) -> COCOeval:

@@ -299,19 +299,6 @@ def test_concurrent_downloads_share_one(
     assert server.requests[path] == 1
 
 
-@pytest.fixture(scope="module")
-def emulator() -> Iterator[str]:
-    from gcp_storage_emulator.server import create_server
-
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
-    server = create_server("127.0.0.1", port, in_memory=True)
-    server.start()
-    yield f"http://127.0.0.1:{port}"
-    server.stop()
-
-
 def test_gcs_object(
     emulator: str,
     checkpoint: Path,
