@@ -1,4 +1,5 @@
-"""Servers the tests start themselves on a free loopback port, once per test module."""
+"""Servers the tests start themselves on a free loopback port: a Cloud Storage emulator once per
+test module, an MLflow server once per pytest process (its tests name experiments of their own)."""
 
 from __future__ import annotations
 
@@ -34,7 +35,7 @@ def emulator() -> Iterator[str]:
     server.stop()
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def mlflow_server(tmp_path_factory: pytest.TempPathFactory) -> str:
     """A tracking server with proxied artifacts; its URI."""
     root = tmp_path_factory.mktemp("mlflow-server")

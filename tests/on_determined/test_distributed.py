@@ -17,20 +17,29 @@ pytestmark = pytest.mark.slow
 
 @pytest.fixture(scope="module")
 def two_ranks(tmp_path_factory: pytest.TempPathFactory, synthetic_cache: Path) -> Path:
-    """The output of one 2-rank run of 6 batches: the shares test reads it, the resume test
-    resumes its own 3-batch run to match it."""
+    """The output of one 2-rank run of the toy detector (6 batches, across an epoch's end),
+    which detects enough by then for validation metrics to compare: the tests below compare
+    their runs with it."""
     output = tmp_path_factory.mktemp("two-ranks")
-    run(output, synthetic_cache, 2, "--max-batches", "6")
+    run(output, synthetic_cache, 2, "--max-batches", "6", config=TOY)
     return output
 
 
 @pytest.fixture(scope="module")
-def toy_two_ranks(tmp_path_factory: pytest.TempPathFactory, synthetic_cache: Path) -> Path:
-    """The output of one 2-rank run of the toy detector (6 batches), which detects enough by
-    then for validation metrics to compare: read by the gradient-sync and streaming tests."""
-    output = tmp_path_factory.mktemp("toy-two-ranks")
-    run(output, synthetic_cache, 2, "--max-batches", "6", config=TOY)
-    return output
+def side_by_side(tmp_path_factory: pytest.TempPathFactory, synthetic_cache: Path) -> dict:
+    """Two 2-rank runs started at once: the first half (3 batches) of the resume test's run,
+    and the shared run without the start-up sanity pass; their outputs by name."""
+    folder = tmp_path_factory.mktemp("side-by-side")
+    runs = {
+        "first_half": ("--max-batches", "3"),
+        "no_sanity_pass": ("--max-batches", "6", "--set", "hyperparameters.sanity_pass=false"),
+    }
+    with ThreadPoolExecutor(len(runs)) as pool:
+        futures = {
+            name: pool.submit(run, folder / name, synthetic_cache, 2, *args, config=TOY)
+            for name, args in runs.items()
+        }
+        return {name: (folder / name, future.result()) for name, future in futures.items()}
 
 
 def records_of(output: Path) -> list[dict]:
@@ -55,15 +64,15 @@ def test_two_ranks_share_the_global_batch_and_evaluate_each_image_once(two_ranks
 
 
 def test_a_streamed_validation_on_two_ranks_equals_the_gathered_one(
-    tmp_path: Path, synthetic_cache: Path, toy_two_ranks: Path
+    tmp_path: Path, synthetic_cache: Path, two_ranks: Path
 ) -> None:
     """`streamed_evaluation: true`: each rank matches its own images as it predicts them and the
     chief merges the ranks' states; the same run's metrics as when the chief gathers every
     detection (7 images dealt to 2 ranks in uneven batches)."""
     sets = ("--set", "hyperparameters.streamed_evaluation=true")
     streamed = run(tmp_path, synthetic_cache, 2, "--max-batches", "6", *sets, config=TOY)
-    assert losses(streamed) == losses(records_of(toy_two_ranks))  # the same run up to there
-    (gathered,) = [r["metrics"] for r in records_of(toy_two_ranks) if r["kind"] == "validation"]
+    assert losses(streamed) == losses(records_of(two_ranks))  # the same run up to there
+    (gathered,) = [r["metrics"] for r in records_of(two_ranks) if r["kind"] == "validation"]
     (got,) = [r["metrics"] for r in streamed if r["kind"] == "validation"]
     assert got["num_images"] == DATA["num_val"]
     assert 0.1 < gathered["bbox_mAP"] < 0.9  # real numbers to compare, not zeros
@@ -71,42 +80,34 @@ def test_a_streamed_validation_on_two_ranks_equals_the_gathered_one(
     assert len(keys) == 12 + 4 + 3  # the statistics, the best F1's, the per-class AP
     assert {k: got[k] for k in keys} == {k: gathered[k] for k in keys}
     # The report says what a streamed evaluation leaves out; the gathered one has it all.
-    for output, streamed_run in ((tmp_path, True), (toy_two_ranks, False)):
+    for output, streamed_run in ((tmp_path, True), (two_ranks, False)):
         (checkpoint,) = (output / "determined").iterdir()
         report = json.loads((checkpoint / "evaluation" / "report.json").read_text())
         assert ("not_computed" in report) is streamed_run, output
         assert ("tide" in report["tasks"]["bbox"]) is not streamed_run, output
 
 
-def test_two_local_runs_on_one_host_keep_apart(tmp_path: Path, synthetic_cache: Path) -> None:
+def test_two_local_runs_on_one_host_keep_apart(side_by_side: dict) -> None:
     """Determined's IPC ports are picked per run: two 2-rank runs at once both complete."""
-    outputs = [tmp_path / "a", tmp_path / "b"]
-    with ThreadPoolExecutor(2) as pool:
-        runs = [pool.submit(run, out, synthetic_cache, 2, "--max-batches", "1") for out in outputs]
-        for records in (future.result() for future in runs):
-            assert [r["batches"] for r in records if r["kind"] == "training"] == [1]
+    trained = {
+        name: [r["batches"] for r in records if r["kind"] == "training"]
+        for name, (_, records) in side_by_side.items()
+    }
+    assert trained == {"first_half": [1, 2, 3], "no_sanity_pass": [1, 2, 3, 4, 5, 6]}
 
 
 def test_resume_continues_exactly_on_two_ranks(
-    tmp_path: Path, synthetic_cache: Path, two_ranks: Path
+    tmp_path: Path, synthetic_cache: Path, two_ranks: Path, side_by_side: dict
 ) -> None:
-    """One rank's exact resume is tests/on_determined/test_trial.py's (the same code path in
-    this process, across an epoch boundary)."""
-    ranks = 2
-    straight = records_of(two_ranks)
-    run(tmp_path / "first", synthetic_cache, ranks, "--max-batches", "3")
-    (checkpoint,) = (tmp_path / "first" / "determined").iterdir()
+    """The first half's checkpoint resumed to batch 6 gives the shared run's losses. One rank's
+    exact resume is tests/on_determined/test_trial.py's (the same code path in this process)."""
+    first_half, _ = side_by_side["first_half"]
+    (checkpoint,) = (first_half / "determined").iterdir()
     resumed = run(
-        tmp_path / "second",
-        synthetic_cache,
-        ranks,
-        "--max-batches",
-        "6",
-        "--resume",
-        str(checkpoint),
+        tmp_path, synthetic_cache, 2, "--max-batches", "6", "--resume", str(checkpoint), config=TOY
     )
-    expected = {b: loss for b, loss in losses(straight).items() if b > 3}
-    assert sorted(losses(resumed)) == [4, 5, 6]
+    expected = {b: loss for b, loss in losses(records_of(two_ranks)).items() if b > 3}
+    assert sorted(losses(resumed)) == [4, 5, 6]  # across the epoch's end (4 batches an epoch)
     assert losses(resumed) == pytest.approx(expected, rel=1e-6)
 
 
@@ -117,35 +118,25 @@ def final_weights(output: Path) -> dict[str, torch.Tensor]:
     return {k.removeprefix("module."): v for k, v in state["models_state_dict"][0].items()}
 
 
-def test_the_sanity_pass_leaves_no_trace_on_two_ranks(
-    tmp_path: Path, synthetic_cache: Path, two_ranks: Path
-) -> None:
+def test_the_sanity_pass_leaves_no_trace_on_two_ranks(two_ranks: Path, side_by_side: dict) -> None:
     """A 2-rank run without the start-up sanity pass: the same losses, metrics and weights, bit
     for bit, as the shared run with it."""
-    run(
-        tmp_path,
-        synthetic_cache,
-        2,
-        "--max-batches",
-        "6",
-        "--set",
-        "hyperparameters.sanity_pass=false",
-    )
-    assert records_of(tmp_path) == records_of(two_ranks)
-    without, with_pass = final_weights(tmp_path), final_weights(two_ranks)
+    output, records = side_by_side["no_sanity_pass"]
+    assert records == records_of(two_ranks)
+    without, with_pass = final_weights(output), final_weights(two_ranks)
     assert without.keys() == with_pass.keys()
     assert all(torch.equal(without[name], with_pass[name]) for name in without)
 
 
 def test_two_ranks_of_two_train_like_one_rank_of_four(
-    tmp_path: Path, synthetic_cache: Path, toy_two_ranks: Path
+    tmp_path: Path, synthetic_cache: Path, two_ranks: Path
 ) -> None:
     """Gradient sync: same global batches, same losses, same parameters (toy per-image loss)."""
     one = run(tmp_path / "one", synthetic_cache, 1, "--max-batches", "6", config=TOY)
-    two = records_of(toy_two_ranks)
+    two = records_of(two_ranks)
     assert len(set(losses(one).values())) == 6  # training moves
     assert losses(two) == pytest.approx(losses(one), rel=1e-5)
-    w1, w2 = final_weights(tmp_path / "one"), final_weights(toy_two_ranks)
+    w1, w2 = final_weights(tmp_path / "one"), final_weights(two_ranks)
     assert w1.keys() == w2.keys() and len(w1) == 4
     for name in w1:
         torch.testing.assert_close(w2[name], w1[name], rtol=1e-5, atol=1e-7, msg=name)

@@ -1,6 +1,7 @@
 """The Ray adapter on a real local Ray (started once for the module): Ray Train gives the local
 Determined run's losses, weights and metrics; a worker that dies is restarted from the last
-checkpoint and ends where an uninterrupted run ends; Tune runs ASHA with HyperOpt and Optuna."""
+checkpoint and ends where an uninterrupted run ends; Tune runs ASHA with Optuna (HyperOpt's
+search is tests/on_ray/test_tune_workers.py's)."""
 
 from __future__ import annotations
 
@@ -25,7 +26,8 @@ ray = pytest.importorskip("ray")
 from on_ray import state  # noqa: E402
 from on_ray.checkpoints import ray_tracking  # noqa: E402
 from on_ray.train import train  # noqa: E402
-from on_ray.tune import best_checkpoint, best_result, tune_search  # noqa: E402
+from on_ray.tune import tune_search  # noqa: E402
+from tests.on_ray.searches import assert_tracked_asha_search  # noqa: E402
 
 pytestmark = pytest.mark.slow
 DEMO = str(REPO / "experiments" / "demo.yaml")
@@ -221,14 +223,20 @@ def test_ray_train_logs_to_mlflow(straight: tuple, mlflow_server: str, tmp_path:
     assert run_id == run.info.run_id
 
 
-def test_a_worker_that_dies_is_restarted_from_the_last_checkpoint(
+def test_a_worker_that_dies_is_restarted_and_the_sanity_pass_leaves_no_trace(
     straight: tuple, tmp_path: Path, synthetic_cache: Path
 ) -> None:
-    _, uninterrupted = straight
+    """The straight run again without the start-up sanity pass, and a worker dies after batch 3:
+    restarted from the checkpoint of batch 2, it ends with the straight run's weights bit for bit,
+    and every record is the straight run's (batch 3's twice, the same both times). Either fault,
+    a trace of the pass or an inexact restart, breaks the equality (the Determined side tests
+    the pass alone: tests/on_determined/test_distributed.py)."""
+    output, uninterrupted = straight
     marker = tmp_path / "fault-done"
+    sets = [*overrides(synthetic_cache), "max_restarts=1", "hyperparameters.sanity_pass=false"]
     result = train(
         DEMO,
-        [*overrides(synthetic_cache), "max_restarts=1"],  # demo.yaml allows none
+        sets,  # demo.yaml allows no restart
         workers=2,
         output=tmp_path,
         max_batches=BATCHES,
@@ -237,33 +245,19 @@ def test_a_worker_that_dies_is_restarted_from_the_last_checkpoint(
         batch_hook=functools.partial(die_once, 3, 1, str(marker)),
     )
     assert marker.is_file()  # the fault happened
-    trained = [r["batches"] for r in records(tmp_path) if r["kind"] == "training"]
+    written = records(tmp_path)
+    trained = [r["batches"] for r in written if r["kind"] == "training"]
     assert trained == [1, 2, 3, 3, 4]  # batch 3 again: the restart began after batch 2
+    first, again = (r for r in written if r["kind"] == "training" and r["batches"] == 3)
+    assert first == again
+    written.remove(first)
+    assert written == records(output)
     assert state.batches_of(Path(result.checkpoint.path)) == BATCHES
     w_straight = ray_weights(uninterrupted.checkpoint.path)
     w_resumed = ray_weights(result.checkpoint.path)
+    assert w_straight.keys() == w_resumed.keys()
     for name in w_straight:
         torch.testing.assert_close(w_resumed[name], w_straight[name], rtol=0, atol=0, msg=name)
-
-
-def test_the_sanity_pass_leaves_no_trace_in_a_ray_run(
-    straight: tuple, tmp_path: Path, synthetic_cache: Path
-) -> None:
-    """The straight run without the start-up sanity pass: the same losses, metrics and weights,
-    bit for bit (its MLflow tracking aside)."""
-    output, result = straight
-    without = train(
-        DEMO,
-        [*overrides(synthetic_cache), "hyperparameters.sanity_pass=false"],
-        workers=2,
-        output=tmp_path,
-        max_batches=BATCHES,
-        report_every=1,
-    )
-    assert records(tmp_path) == records(output)
-    w_without, w_with = ray_weights(without.checkpoint.path), ray_weights(result.checkpoint.path)
-    assert w_without.keys() == w_with.keys()
-    assert all(torch.equal(w_without[name], w_with[name]) for name in w_without)
 
 
 def test_a_val_pipeline_without_resize_stops_a_ray_run_before_training(
@@ -297,52 +291,29 @@ def search_overrides(cache: Path) -> list[str]:
     ]
 
 
-@pytest.mark.parametrize("algorithm", ["hyperopt", "optuna"])
-def test_tune_asha_stops_trials_at_lower_rungs(
-    straight: tuple,
-    tmp_path: Path,
-    synthetic_cache: Path,
-    mlflow_server: str,
-    algorithm: str,
+def test_tune_asha_with_optuna_stops_trials_at_lower_rungs(
+    straight: tuple, tmp_path: Path, synthetic_cache: Path, mlflow_server: str
 ) -> None:
-    from mlflow.tracking import MlflowClient
-
-    import model_def
-
-    tracking = f"data.mlflow={{tracking_uri: {mlflow_server}, experiment_name: tune-{algorithm}}}"
-    # Seed 10: both samplers' first points (random draws) are a high LR, then a low one (HyperOpt
-    # 0.11 then 0.003, Optuna 0.085 then 0.001), which has trained worse by the second rung.
+    """Trials of one worker, each training in its own process; HyperOpt's search, on trials of
+    two workers, is tests/on_ray/test_tune_workers.py's."""
+    tracking = f"data.mlflow={{tracking_uri: {mlflow_server}, experiment_name: tune-optuna}}"
+    # Seed 10: the sampler's first points (random draws) are a high LR, then a low one (0.085,
+    # then 0.001), which has trained worse by the second rung.
     results = tune_search(
         DEMO,
         [*search_overrides(synthetic_cache), tracking],
-        search_alg=algorithm,
+        search_alg="optuna",
         output=tmp_path,
         seed=10,
     )
-    assert len(results) == 4 and not results.errors
-    lengths = sorted(int(r.metrics["batches"]) for r in results)
-    assert lengths[-1] == 4 and lengths[0] < 4, lengths  # ASHA stopped one at a lower rung
-    assert len({r.config["lr"] for r in results}) == 4  # four different points
-    best = best_result(results, "bbox_mAP", "max")
-    # Each trial is an MLflow run with its own point and validations; a trial's checkpoint has
-    # the outputs of a Ray Train run (and so of Determined's, see the test above).
-    client = MlflowClient(mlflow_server)
-    experiment = client.get_experiment_by_name(f"tune-{algorithm}")
-    runs = client.search_runs([experiment.experiment_id])
-    logged = sorted(float(r.data.params["lr"]) for r in runs)
-    assert logged == pytest.approx(sorted(r.config["lr"] for r in results), rel=1e-12)
-    for run in runs:
-        steps = [m.step for m in client.get_metric_history(run.info.run_id, "bbox_mAP")]
-        assert steps and steps == list(range(1, len(steps) + 1)), steps  # a validation a batch
+    image = synthetic_image(synthetic_cache)
+    best = assert_tracked_asha_search(
+        results, mlflow_server, "tune-optuna", image, tmp_path / "predicted"
+    )
+    # A trial's checkpoint has the outputs of a Ray Train run (and so of Determined's, above).
     trained = Path(straight[1].checkpoint.path) / "evaluation"
-    searched = Path(best_checkpoint(best)) / "evaluation"
+    searched = best / "evaluation"
     assert sorted(p.name for p in searched.iterdir()) == sorted(p.name for p in trained.iterdir())
-    summary = model_def.main(
-        ["predict", best_checkpoint(best), str(synthetic_image(synthetic_cache)), "--out",
-         str(tmp_path / "predicted")]
-    )  # fmt: skip
-    assert summary["images"] == 1
-    assert (tmp_path / "predicted").is_dir()
 
 
 def synthetic_image(cache: Path) -> Path:

@@ -19,6 +19,7 @@ from ray.tune.integration.ray_train import CHECKPOINT_PATH_KEY  # noqa: E402
 
 from on_ray import cluster, state  # noqa: E402
 from on_ray.tune import tune_search  # noqa: E402
+from tests.on_ray.searches import assert_tracked_asha_search  # noqa: E402
 
 pytestmark = pytest.mark.slow
 DEMO = str(REPO / "experiments" / "demo.yaml")
@@ -74,18 +75,24 @@ def test_trials_share_the_cpus_among_all_their_workers() -> None:
     assert cluster.TRIAL_DRIVER["CPU"] == 0
 
 
-def test_a_search_trains_each_trial_on_its_workers(tmp_path: Path, synthetic_cache: Path) -> None:
+def test_a_search_trains_each_trial_on_its_workers(
+    tmp_path: Path, synthetic_cache: Path, mlflow_server: str
+) -> None:
+    """HyperOpt's search, tracked in MLflow by each trial's chief worker."""
     # Seed 10: HyperOpt's first two points are a high LR (0.11), then a low one (0.003), which
-    # has trained worse by the second rung (tests/on_ray/test_ray.py, on one worker).
-    sets = search_overrides(synthetic_cache, 2)
+    # has trained worse by the second rung.
+    tracking = f"data.mlflow={{tracking_uri: {mlflow_server}, experiment_name: tune-hyperopt}}"
+    sets = [*search_overrides(synthetic_cache, 2), tracking]
     results = tune_search(DEMO, sets, search_alg="hyperopt", output=tmp_path, seed=10)
-    assert len(results) == 4 and not results.errors
-    lengths = []
+    image = next(synthetic_cache.rglob("val/*.png"))
+    best = assert_tracked_asha_search(
+        results, mlflow_server, "tune-hyperopt", image, tmp_path / "predicted"
+    )
+    assert (best / "evaluation" / "report.json").is_file()
     for result in results:
         metrics = result.metrics
         assert isinstance(metrics["bbox_mAP"], float)  # the searcher metric, for ASHA
         batches = int(metrics["batches"])
-        lengths.append(batches)
         # The trainer's checkpoints, in the trial's folder: one a validation, each written by
         # both workers (a rank's random generators come from that rank). The workers do not
         # wait for Tune: one that ASHA stops may have written the next before it ends.
@@ -99,8 +106,6 @@ def test_a_search_trains_each_trial_on_its_workers(tmp_path: Path, synthetic_cac
             assert ranks == ["rank_0.pth", "rank_1.pth"], checkpoint
             assert (checkpoint / state.STATE_FILE).is_file()
             assert (checkpoint / "mmdet" / "model.pth").is_file()
-    # The first trial goes on to the end; ASHA stops a later one at a lower rung.
-    assert sorted(lengths)[-1] == 4 and sorted(lengths)[0] < 4, lengths
 
 
 def test_more_slots_than_cpus_is_an_error_before_any_trial(
