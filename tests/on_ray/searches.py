@@ -10,19 +10,24 @@ from on_ray.tune import best_checkpoint, best_result
 
 
 def assert_tracked_asha_search(
-    results: object, mlflow_server: str, experiment_name: str, image: Path, scratch: Path
+    results: object,
+    trials: int,
+    mlflow_server: str,
+    experiment_name: str,
+    image: Path,
+    scratch: Path,
 ) -> Path:
-    """Four trials at four points, ASHA stopped one at a lower rung, each trial an MLflow run
-    with its point and a validation a batch, and `predict` takes the best trial's checkpoint
+    """`trials` trials at as many points, ASHA stopped one at a lower rung, each trial an MLflow
+    run with its point and a validation a batch, and `predict` takes the best trial's checkpoint
     (returned)."""
     from mlflow.tracking import MlflowClient
 
     import model_def
 
-    assert len(results) == 4 and not results.errors
+    assert len(results) == trials and not results.errors
     lengths = sorted(int(r.metrics["batches"]) for r in results)
     assert lengths[-1] == 4 and lengths[0] < 4, lengths  # ASHA stopped one at a lower rung
-    assert len({r.config["lr"] for r in results}) == 4  # four different points
+    assert len({r.config["lr"] for r in results}) == trials  # different points
     client = MlflowClient(mlflow_server)
     experiment = client.get_experiment_by_name(experiment_name)
     runs = client.search_runs([experiment.experiment_id])

@@ -275,6 +275,11 @@ def test_a_val_pipeline_without_resize_stops_a_ray_run_before_training(
     assert [r for r in written if r["kind"] == "training"] == []  # stopped before its first batch
 
 
+# Two trials: Optuna's TPE draws the first (0.085 at seed 10) and picks the second (0.196) after
+# it; that one overshoots by the second rung, where ASHA stops it.
+TRIALS = 2
+
+
 def search_overrides(cache: Path) -> list[str]:
     data = {**DATA, "num_train": 4}  # one batch an epoch: a validation at every rung
     # One trial at a time: which trials ASHA stops depends on the order of their reports, the
@@ -284,7 +289,8 @@ def search_overrides(cache: Path) -> list[str]:
         *overrides(cache, TOY, data, mmdet='"train_cfg.val_interval": 1, "param_scheduler": []'),
         "hyperparameters.lr={type: log, base: 10, minval: -3, maxval: -0.5}",
         "searcher={name: adaptive_asha, metric: bbox_mAP, smaller_is_better: false, "
-        "time_metric: batches, max_time: 4, max_trials: 4, max_rungs: 3, divisor: 2, "
+        "time_metric: batches, max_time: 4, max_rungs: 3, divisor: 2, "
+        f"max_trials: {TRIALS}, "
         "mode: aggressive, max_concurrent_trials: 1}",
         "hyperparameters.visualization={num_images: 0}",
         "max_restarts=0",
@@ -297,8 +303,6 @@ def test_tune_asha_with_optuna_stops_trials_at_lower_rungs(
     """Trials of one worker, each training in its own process; HyperOpt's search, on trials of
     two workers, is tests/on_ray/test_tune_workers.py's."""
     tracking = f"data.mlflow={{tracking_uri: {mlflow_server}, experiment_name: tune-optuna}}"
-    # Seed 10: the sampler's first points (random draws) are a high LR, then a low one (0.085,
-    # then 0.001), which has trained worse by the second rung.
     results = tune_search(
         DEMO,
         [*search_overrides(synthetic_cache), tracking],
@@ -308,7 +312,7 @@ def test_tune_asha_with_optuna_stops_trials_at_lower_rungs(
     )
     image = synthetic_image(synthetic_cache)
     best = assert_tracked_asha_search(
-        results, mlflow_server, "tune-optuna", image, tmp_path / "predicted"
+        results, TRIALS, mlflow_server, "tune-optuna", image, tmp_path / "predicted"
     )
     # A trial's checkpoint has the outputs of a Ray Train run (and so of Determined's, above).
     trained = Path(straight[1].checkpoint.path) / "evaluation"
