@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import fcntl
 import json
 import shutil
+from collections import Counter
 from pathlib import Path
 
 import pytest
@@ -81,12 +83,31 @@ def train(
 
 
 @pytest.fixture(scope="session")
-def trained_maskrcnn(tmp_path_factory: pytest.TempPathFactory, synthetic_cache: Path) -> Path:
+def trained_maskrcnn(
+    request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory, synthetic_cache: Path
+) -> Path:
     """One tiny Mask R-CNN run (2 batches, validated once), shared by the export and predict
-    tests: its output folder (checkpoint in `determined/<uuid>/`, `metrics.jsonl`)."""
-    output = tmp_path_factory.mktemp("maskrcnn-run")
-    data = {"backend": "synthetic", "cache_dir": str(synthetic_cache), "synthetic": TINY_SYNTHETIC}
-    train(output, "configs/synthetic/maskrcnn_r18_fpn_synthetic.py", data, "--max-batches", "2")
+    tests: its output folder (checkpoint in `determined/<uuid>/`, `metrics.jsonl`). Trained once
+    a test run: under pytest-xdist the first worker to ask trains it in the run's folder while
+    the other waits on the lock, then reads it (no test writes into it)."""
+    root = tmp_path_factory.getbasetemp()
+    if hasattr(request.config, "workerinput"):
+        root = root.parent  # the run's folder, which holds each worker's
+    output, done = root / "maskrcnn-run", root / "maskrcnn-run.done"
+    with (root / "maskrcnn-run.lock").open("w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if not done.is_file():
+            shutil.rmtree(output, ignore_errors=True)  # a worker that died while training it
+            data = {"backend": "synthetic", "cache_dir": str(synthetic_cache)}
+            data["synthetic"] = TINY_SYNTHETIC
+            train(
+                output,
+                "configs/synthetic/maskrcnn_r18_fpn_synthetic.py",
+                data,
+                "--max-batches",
+                "2",
+            )
+            done.touch()
     return output
 
 
@@ -100,13 +121,23 @@ RAY_INFERENCE = {
 BENCH_SMOKE = "tests/bench/test_bench.py"
 
 
+def pytest_configure(config: pytest.Config) -> None:
+    """pytest-xdist hands out the groups in the order of pytest_collection_modifyitems below,
+    not re-sorted by their number of tests (its default puts the one-test benchmark sections,
+    the longest, last: one worker then finished them alone)."""
+    if hasattr(config.option, "loadscopereorder"):
+        config.option.loadscopereorder = False
+
+
 @pytest.hookimpl(tryfirst=True)  # before pytest-xdist's, which reads the groups
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     """Under pytest-xdist (`make test`: `-n 2 --dist loadgroup`) a module's tests run in one
     worker, so its module-scoped servers start once. The modules that start a Ray cluster run in
     two groups, training and inference, so that at most two clusters run at once (one group
     alone was the suite's longest path). The benchmarks' smoke runs a section per test, each
-    apart."""
+    apart. The groups with the most slow tests go first and the quick ones last, so that the
+    two workers finish together."""
+    groups = {}
     for item in items:
         module = item.nodeid.split("::")[0]
         group = module
@@ -115,6 +146,9 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
         elif module == BENCH_SMOKE:
             group = item.nodeid  # one subprocess each, no shared server: spread them
         item.add_marker(pytest.mark.xdist_group(group))
+        groups[item] = group
+    slow = Counter(group for item, group in groups.items() if item.get_closest_marker("slow"))
+    items.sort(key=lambda item: -slow[groups[item]])  # stable: collection order otherwise
 
 
 @pytest.fixture(autouse=True)
