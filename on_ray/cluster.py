@@ -21,6 +21,21 @@ FORWARDED = ("MMDET_DETERMINED_INIT_LOG", "XDG_CACHE_HOME", "MLFLOW_TRACKING_URI
 TRIAL_DRIVER = {"CPU": 0, "memory": 1024**3}
 
 
+def runtime_env() -> dict[str, Any]:
+    """What every process of our Ray jobs starts with: RAY_ADDRESS set to its own cluster.
+
+    Ray Train's placement-group cleaner (a worker process) finds its cluster through the state
+    API, which without RAY_ADDRESS looks for every Ray on the host and gives up when it finds two
+    (a second local Ray, or a test's): the cleaner then stops, and the next trial of several
+    workers waits for good for the CPUs of the last. The hook is a nested function, so that Ray
+    ships it by value: a worker runs it before it can import this checkout."""
+
+    def pin_ray_address() -> None:
+        os.environ.setdefault("RAY_ADDRESS", ray.get_runtime_context().gcs_address)
+
+    return {"worker_process_setup_hook": pin_ray_address}
+
+
 def connect(address: str | None) -> None:
     """`ray.init`: the cluster at `address` (`auto`: the one `ray start` made on this host), or
     a local Ray of this machine. A Ray already started in this process is kept."""
@@ -30,6 +45,7 @@ def connect(address: str | None) -> None:
     if address:
         # The nodes of a cluster get this checkout (not its virtualenv or runs) as their code.
         options["runtime_env"] = {
+            **runtime_env(),
             "working_dir": str(REPO_ROOT),
             "excludes": [".venv", "runs", ".git", "*.pth"],
         }
@@ -46,7 +62,12 @@ def connect(address: str | None) -> None:
     # With its dashboard: Ray Train's placement-group cleaner asks the dashboard's state API
     # whether a Tune trial's trainer is still alive, and without it the workers' resources of a
     # trial that ASHA stops are never freed (the next multi-worker trial waits for good).
-    ray.init(include_dashboard=True, object_store_memory=LOCAL_OBJECT_STORE, **options)
+    ray.init(
+        include_dashboard=True,
+        object_store_memory=LOCAL_OBJECT_STORE,
+        runtime_env=runtime_env(),
+        **options,
+    )
 
 
 def reachable(address: str, timeout: float = 10.0) -> None:

@@ -1,11 +1,16 @@
 """Ray Tune trials of several workers (`resources.slots_per_trial` > 1) on a real local Ray,
 started once for the module: each trial runs a `TorchTrainer` of its own (Ray's way for Train
 inside Tune), its workers share the cluster's CPUs, ASHA gets the searcher metric, and the
-checkpoints are the trainer's; more slots than the cluster has is an error before any trial."""
+checkpoints are the trainer's; more slots than the cluster has is an error before any trial.
+A second local Ray runs on the host meanwhile, as one may (another user's, another test's): Ray
+Train's placement-group cleaner must still find its own (on_ray.cluster.runtime_env)."""
 
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -30,18 +35,36 @@ CPUS = 4
 TRIALS = 4
 
 
+# A local Ray of its own, until its standard input closes.
+OTHER_RAY = (
+    "import sys, ray; ray.init(num_cpus=1, include_dashboard=False, logging_level='WARNING'); "
+    "print(ray.get_runtime_context().gcs_address, flush=True); sys.stdin.read(); ray.shutdown()"
+)
+
+
 @pytest.fixture(scope="module", autouse=True)
-def local_ray() -> None:
-    ray.init(
-        num_cpus=CPUS,
-        # Ray Train's placement-group cleaner asks the dashboard's state API whether a trial's
-        # trainer is still alive: without it, a trial that ASHA stops keeps its CPUs for good.
-        include_dashboard=True,
-        object_store_memory=100 * 1024 * 1024,
-        logging_level="WARNING",
+def local_ray() -> Iterator[None]:
+    other = subprocess.Popen(
+        [sys.executable, "-c", OTHER_RAY], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True
     )
-    yield
-    ray.shutdown()
+    try:
+        assert other.stdout is not None
+        other_address = other.stdout.readline().strip()
+        assert other_address, "the second Ray did not start"
+        ray.init(
+            num_cpus=CPUS,
+            runtime_env=cluster.runtime_env(),  # as on_ray's own: see there
+            # Ray Train's placement-group cleaner asks the dashboard's state API whether a trial's
+            # trainer is still alive: without it, a trial that ASHA stops keeps its CPUs for good.
+            include_dashboard=True,
+            object_store_memory=100 * 1024 * 1024,
+            logging_level="WARNING",
+        )
+        assert ray.get_runtime_context().gcs_address != other_address  # two clusters
+        yield
+        ray.shutdown()
+    finally:
+        other.communicate(timeout=60)  # closes its input: it shuts its Ray down
 
 
 def search_overrides(cache: Path, slots: int) -> list[str]:
