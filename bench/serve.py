@@ -54,6 +54,9 @@ def train_checkpoint(folder: Path) -> tuple[Path, list[Path]]:
     command = [sys.executable, "model_def.py", "experiments/demo.yaml", "--local"]
     command += ["--output", str(folder / "run"), "--max-batches", "2"]
     command += ["--set", "hyperparameters.global_batch_size=4", "--set", f"data={json.dumps(data)}"]
+    # Its validation's drawings and plots serve nothing here.
+    command += ["--set", "hyperparameters.visualization={num_images: 0}"]
+    command += ["--set", "hyperparameters.evaluation_plots=false"]
     subprocess.run(command, cwd=REPO, check=True, capture_output=True, text=True)
     (checkpoint,) = (folder / "run" / "determined").iterdir()
     images = sorted((folder / "synthetic").rglob("val/*.png"))
