@@ -14,12 +14,12 @@ def assert_tracked_asha_search(
     trials: int,
     mlflow_server: str,
     experiment_name: str,
-    image: Path,
+    cache: Path,
     scratch: Path,
 ) -> Path:
     """`trials` trials at as many points, ASHA stopped one at a lower rung, each trial an MLflow
     run with its point and a validation a batch, and `predict` takes the best trial's checkpoint
-    (returned)."""
+    (returned) and an image of the generated data in `cache`."""
     from mlflow.tracking import MlflowClient
 
     import model_def
@@ -37,6 +37,7 @@ def assert_tracked_asha_search(
         steps = [m.step for m in client.get_metric_history(run.info.run_id, "bbox_mAP")]
         assert steps and steps == list(range(1, len(steps) + 1)), steps  # a validation a batch
     best = Path(best_checkpoint(best_result(results, "bbox_mAP", "max")))
+    image = next(cache.rglob("val/*.png"))
     summary = model_def.main(["predict", str(best), str(image), "--out", str(scratch)])
     assert summary["images"] == 1 and scratch.is_dir()
     return best

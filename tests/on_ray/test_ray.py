@@ -310,18 +310,13 @@ def test_tune_asha_with_optuna_stops_trials_at_lower_rungs(
         output=tmp_path,
         seed=10,
     )
-    image = synthetic_image(synthetic_cache)
     best = assert_tracked_asha_search(
-        results, TRIALS, mlflow_server, "tune-optuna", image, tmp_path / "predicted"
+        results, TRIALS, mlflow_server, "tune-optuna", synthetic_cache, tmp_path / "predicted"
     )
     # A trial's checkpoint has the outputs of a Ray Train run (and so of Determined's, above).
     trained = Path(straight[1].checkpoint.path) / "evaluation"
     searched = best / "evaluation"
     assert sorted(p.name for p in searched.iterdir()) == sorted(p.name for p in trained.iterdir())
-
-
-def synthetic_image(cache: Path) -> Path:
-    return next(cache.rglob("val/*.png"))
 
 
 def test_bad_input_is_named_before_any_worker_starts(

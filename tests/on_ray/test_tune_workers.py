@@ -24,6 +24,7 @@ from ray.tune.integration.ray_train import CHECKPOINT_PATH_KEY  # noqa: E402
 
 from on_ray import cluster, state  # noqa: E402
 from on_ray.tune import tune_search  # noqa: E402
+from tests.on_ray.conftest import init_local_ray  # noqa: E402
 from tests.on_ray.searches import assert_tracked_asha_search  # noqa: E402
 
 pytestmark = pytest.mark.slow
@@ -51,20 +52,21 @@ def local_ray() -> Iterator[None]:
         assert other.stdout is not None
         other_address = other.stdout.readline().strip()
         assert other_address, "the second Ray did not start"
-        ray.init(
-            num_cpus=CPUS,
-            runtime_env=cluster.runtime_env(),  # as on_ray's own: see there
-            # Ray Train's placement-group cleaner asks the dashboard's state API whether a trial's
-            # trainer is still alive: without it, a trial that ASHA stops keeps its CPUs for good.
-            include_dashboard=True,
-            object_store_memory=100 * 1024 * 1024,
-            logging_level="WARNING",
-        )
-        assert ray.get_runtime_context().gcs_address != other_address  # two clusters
-        yield
-        ray.shutdown()
+        # With its dashboard: Ray Train's placement-group cleaner asks the dashboard's state API
+        # whether a trial's trainer is still alive; without it, a trial that ASHA stops keeps its
+        # CPUs for good.
+        init_local_ray(CPUS, include_dashboard=True)
+        try:
+            assert ray.get_runtime_context().gcs_address != other_address  # two clusters
+            yield
+        finally:
+            ray.shutdown()
     finally:
-        other.communicate(timeout=60)  # closes its input: it shuts its Ray down
+        try:
+            other.communicate(timeout=60)  # closes its input: it shuts its Ray down
+        except subprocess.TimeoutExpired:
+            other.kill()
+            other.communicate()
 
 
 def search_overrides(cache: Path, slots: int) -> list[str]:
@@ -111,9 +113,8 @@ def test_a_search_trains_each_trial_on_its_workers(
     tracking = f"data.mlflow={{tracking_uri: {mlflow_server}, experiment_name: tune-hyperopt}}"
     sets = [*search_overrides(synthetic_cache, 2), tracking]
     results = tune_search(DEMO, sets, search_alg="hyperopt", output=tmp_path, seed=10)
-    image = next(synthetic_cache.rglob("val/*.png"))
     best = assert_tracked_asha_search(
-        results, TRIALS, mlflow_server, "tune-hyperopt", image, tmp_path / "predicted"
+        results, TRIALS, mlflow_server, "tune-hyperopt", synthetic_cache, tmp_path / "predicted"
     )
     assert (best / "evaluation" / "report.json").is_file()
     for result in results:
