@@ -20,6 +20,10 @@ TINY_SYNTHETIC = {"num_train": 16, "num_val": 8, "image_size": 128, "max_instanc
 # tests that train other configs through demo.yaml keep training them as they did.
 SGD_SETS = ("hyperparameters.lr=0.02", "hyperparameters.weight_decay=0.0001")
 SGD_SETS += ("hyperparameters.momentum=0.9",)
+# Two prediction drawings a validation instead of the default 8, in the runs of the shared helpers
+# (a test's own `--set` wins): every validation still draws, but 8 drawings cost about a third of
+# a short run, and only tests/utils/evaluation/test_visualize.py looks at the pictures.
+FEW_DRAWINGS = "hyperparameters.visualization={num_images: 2}"
 
 
 @pytest.fixture(scope="session")
@@ -75,7 +79,7 @@ def train(
             "hyperparameters.global_batch_size=4",
             "--set",
             f"data={json.dumps(data)}",
-            *(part for value in SGD_SETS for part in ("--set", value)),
+            *(part for value in (*SGD_SETS, FEW_DRAWINGS) for part in ("--set", value)),
             *extra,
         ]
     )

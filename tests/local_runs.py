@@ -9,7 +9,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from tests.conftest import REPO, SGD_SETS, TINY_SYNTHETIC
+from tests.conftest import FEW_DRAWINGS, REPO, SGD_SETS, TINY_SYNTHETIC
 
 # 7 validation images: not divisible by 2 ranks nor by the batch size.
 DATA = {**TINY_SYNTHETIC, "num_val": 7}
@@ -38,7 +38,7 @@ def run(
         f"data.cache_dir={cache}",
         "--set",
         f"data.synthetic={json.dumps(DATA)}",
-        *(part for value in SGD_SETS for part in ("--set", value)),
+        *(part for value in (*SGD_SETS, FEW_DRAWINGS) for part in ("--set", value)),
         *extra,
     ]
     launcher = [sys.executable]

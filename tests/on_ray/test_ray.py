@@ -16,7 +16,7 @@ import torch
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from on_determined.local import free_ports
-from tests.conftest import REPO, SGD_SETS
+from tests.conftest import FEW_DRAWINGS, REPO, SGD_SETS
 from tests.faults import die_once
 from tests.local_runs import DATA, GFL, TOY, losses
 from tests.local_runs import run as determined_run
@@ -36,7 +36,6 @@ DEMO = str(REPO / "experiments" / "demo.yaml")
 TRAIN_DATA = {**DATA, "num_train": 8}
 BATCHES = 4
 GFL_OVERRIDES = '"train_cfg.val_interval": 1, "model.test_cfg.score_thr": 0.0'
-FEW_DRAWINGS = "hyperparameters.visualization={num_images: 2}"
 
 
 def overrides(
@@ -111,8 +110,6 @@ def test_ray_train_equals_the_two_process_determined_run(
         str(BATCHES),
         "--set",
         f"data.synthetic={json.dumps(TRAIN_DATA)}",
-        "--set",
-        FEW_DRAWINGS,
         overrides=GFL_OVERRIDES,
     )
     ours = records(output)
@@ -150,7 +147,7 @@ def test_ray_validation_equals_determineds_on_real_detections(
     data = {**DATA, "num_train": 8}
     determined = determined_run(
         tmp_path / "det", synthetic_cache, 2, "--max-batches", "2", "--set",
-        f"data.synthetic={json.dumps(data)}", "--set", FEW_DRAWINGS, config=TOY,
+        f"data.synthetic={json.dumps(data)}", config=TOY,
     )  # fmt: skip
     train(
         DEMO,

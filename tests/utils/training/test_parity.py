@@ -24,6 +24,7 @@ from mmengine.runner import Runner
 
 import model_def
 from on_determined.checkpoints import load_determined_weights
+from tests.conftest import FEW_DRAWINGS
 from utils.data.sampling import GroupedBatchSampler, LoaderSeedDraws
 from utils.evaluation.coco_metric import BackendCocoMetric
 from utils.experiment import load as experiment
@@ -113,12 +114,15 @@ def train_both(tmp_path: Path, synthetic_data: dict, model: str, merge: str = ""
     ]
     if model != "maskrcnn":
         # Our validations' drawings and plots are compared with nothing here. Mask R-CNN's runs
-        # keep them: mmdet's drawing of masks draws colours from numpy's global generator, and
-        # its parity shows that training's random stream stays as the Runner's.
+        # keep them (a few drawings, as tests.conftest.train's): mmdet's drawing of masks draws
+        # colours from numpy's global generator, and its parity shows that training's random
+        # stream stays as the Runner's.
         sets += [
             "hyperparameters.evaluation_plots=false",
             "hyperparameters.visualization={num_images: 0}",
         ]
+    else:
+        sets.append(FEW_DRAWINGS)
     exp_conf = experiment.load_experiment(REPO / "experiments" / "demo.yaml", sets)
     cfg = build_config(experiment.local_hparams(exp_conf["hyperparameters"]), exp_conf["data"])
     assert cfg.randomness.seed == 7 and not (cfg.get("auto_scale_lr") or {}).get("enable")
