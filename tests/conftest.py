@@ -156,13 +156,19 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
 
 
 @pytest.fixture(autouse=True)
-def one_thread_per_worker(request: pytest.FixtureRequest) -> None:
-    """Under pytest-xdist each worker computes on one thread: the workers share the cores, and
-    two torch pools spinning on the same cores slow each other. The Ray modules keep torch's
+def one_thread_per_worker(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Under pytest-xdist each worker computes on one thread, and so do the processes its tests
+    start (OMP_NUM_THREADS=1): the workers share the cores, and torch pools spinning on cores the
+    other worker uses waste them (beside one busy core, the benchmark smoke's training section took
+    102 s of CPU with torch's default pool of 2 threads, 58 s with one). The Ray modules keep torch's
     default: they compare this process' predictions with a replica's, computed as before."""
     if not hasattr(request.config, "workerinput"):
         return
     import torch
 
     default = request.config.stash.setdefault(DEFAULT_THREADS, torch.get_num_threads())
-    torch.set_num_threads(default if "/on_ray/" in str(request.path) else 1)
+    if "/on_ray/" in str(request.path):
+        torch.set_num_threads(default)
+        return
+    torch.set_num_threads(1)
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
