@@ -159,9 +159,10 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
 def one_thread_per_worker(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> None:
     """Under pytest-xdist each worker computes on one thread, and so do the processes its tests
     start (OMP_NUM_THREADS=1): the workers share the cores, and torch pools spinning on cores the
-    other worker uses waste them (beside one busy core, the benchmark smoke's training section took
-    102 s of CPU with torch's default pool of 2 threads, 58 s with one). The Ray modules keep torch's
-    default: they compare this process' predictions with a replica's, computed as before."""
+    other worker uses waste them (beside one busy core, the benchmark smoke's training section
+    took 102 s of CPU with torch's default pool of 2 threads, 58 s with one). The Ray modules
+    keep torch's default: they compare this process' predictions with a replica's, computed as
+    before."""
     if not hasattr(request.config, "workerinput"):
         return
     import torch
