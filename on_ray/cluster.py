@@ -15,6 +15,10 @@ from utils.config.build import REPO_ROOT
 LOCAL_OBJECT_STORE = 200 * 1024 * 1024
 # Passed on to every worker when set where the driver runs.
 FORWARDED = ("MMDET_DETERMINED_INIT_LOG", "XDG_CACHE_HOME", "MLFLOW_TRACKING_URI")
+# Ray Train's print patch sends a worker's print() to Train's logger, and also to print itself
+# whenever sys.stdout is not sys.__stdout__, which on a Ray worker it never is (Ray points it at
+# the worker's log file): every printed line (progress, COCO tables) reached the console twice.
+PRINT_PATCH = "RAY_TRAIN_ENABLE_PRINT_PATCH"
 # What a Tune trial reserves when its workers train in a `TorchTrainer` of its own: its process
 # only waits on Ray Train's controller (itself 0 CPUs), so no CPU, which the workers get; Tune
 # takes no empty request, so it reserves about the memory it holds (0.9 GB: torch, mmdet, plan).
@@ -127,8 +131,10 @@ def worker_resources(count: int, use_gpu: bool, runs: int = 1) -> dict[str, floa
 
 
 def worker_env() -> dict[str, str]:
-    """The driver's settings a worker must share (cache root, MLflow server, init log)."""
-    return {name: os.environ[name] for name in FORWARDED if name in os.environ}
+    """The driver's settings a worker must share (cache root, MLflow server, init log), and Ray
+    Train's print patch off (`PRINT_PATCH`) unless the driver's environment sets it."""
+    forwarded = {name: os.environ[name] for name in FORWARDED if name in os.environ}
+    return {PRINT_PATCH: os.environ.get(PRINT_PATCH, "0"), **forwarded}
 
 
 def raise_user_error(err: BaseException) -> None:

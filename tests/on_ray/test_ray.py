@@ -159,6 +159,18 @@ def test_ray_validation_equals_determineds_on_real_detections(
     (theirs,) = [r["metrics"] for r in determined if r["kind"] == "validation"]
     (ours,) = [r["metrics"] for r in records(tmp_path / "ray") if r["kind"] == "validation"]
     assert 0.05 < theirs["bbox_mAP"] < 0.95 and theirs["num_images"] == DATA["num_val"]
+    # What a worker prints reaches the console once (on_ray.cluster.PRINT_PATCH). Ray writes a
+    # worker's stdout and stderr to its log files, which the driver's console shows; no other run
+    # of this module's cluster trains 2 batches.
+    context = ray.get_runtime_context()
+    logs = Path(context.get_temp_dir()) / context.get_session_name() / "logs"
+    printed = [
+        line
+        for path in [*logs.glob("worker-*.out"), *logs.glob("worker-*.err")]
+        for line in path.read_text(errors="replace").splitlines()
+        if line.startswith("[2/2] loss ")
+    ]
+    assert len(printed) == 1, printed
     assert ours == pytest.approx(theirs, rel=1e-9, abs=1e-12)
     # The same outputs in the checkpoint: evaluation report and plots, prediction drawings.
     det_checkpoint = last_determined_checkpoint(tmp_path / "det")
