@@ -21,8 +21,8 @@ TINY_SYNTHETIC = {"num_train": 16, "num_val": 8, "image_size": 128, "max_instanc
 SGD_SETS = ("hyperparameters.lr=0.02", "hyperparameters.weight_decay=0.0001")
 SGD_SETS += ("hyperparameters.momentum=0.9",)
 # Two prediction drawings a validation instead of the default 8, in the runs of the shared helpers
-# (a test's own `--set` wins): every validation still draws, but 8 drawings cost about a third of
-# a short run, and only tests/utils/evaluation/test_visualize.py looks at the pictures.
+# (a test's own `--set` wins): every validation still draws, but 8 drawings cost a quarter to a
+# third of a short run, and only tests/utils/evaluation/test_visualize.py checks what they show.
 FEW_DRAWINGS = "hyperparameters.visualization={num_images: 2}"
 
 
