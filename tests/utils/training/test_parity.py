@@ -112,17 +112,16 @@ def train_both(tmp_path: Path, synthetic_data: dict, model: str, merge: str = ""
         f"hyperparameters.override_mmdet_config={json.dumps(OVERRIDES)}",
         f"data={json.dumps(synthetic_data)}",
     ]
-    if model != "maskrcnn":
-        # Our validations' drawings and plots are compared with nothing here. Mask R-CNN's runs
-        # keep them (a few drawings, as tests.conftest.train's): mmdet's drawing of masks draws
-        # colours from numpy's global generator, and its parity shows that training's random
-        # stream stays as the Runner's.
+    if model == "maskrcnn":
+        # A few drawings, as tests.conftest.train's: mmdet's drawing of masks draws colours from
+        # numpy's global generator, and this parity shows training's random stream stays the
+        # Runner's.
+        sets.append(FEW_DRAWINGS)
+    else:  # our validations' drawings and plots are compared with nothing here
         sets += [
             "hyperparameters.evaluation_plots=false",
             "hyperparameters.visualization={num_images: 0}",
         ]
-    else:
-        sets.append(FEW_DRAWINGS)
     exp_conf = experiment.load_experiment(REPO / "experiments" / "demo.yaml", sets)
     cfg = build_config(experiment.local_hparams(exp_conf["hyperparameters"]), exp_conf["data"])
     assert cfg.randomness.seed == 7 and not (cfg.get("auto_scale_lr") or {}).get("enable")
