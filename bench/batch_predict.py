@@ -7,8 +7,8 @@ Ray Data costs, and 2 actors against 1 what adding a worker gains (on a cluster:
 each). One thread each also keeps the figures usable on a shared machine, where two torch
 threads spinning on two busy cores slow down several-fold.
 
-The model is a Mask R-CNN R18-FPN export with seeded initial weights (as the tests'): untrained,
-every image gets the test_cfg's 100 detections with masks, so each side does the whole
+The model is bench/exports.py's Mask R-CNN R18-FPN export with seeded initial weights: every
+image gets the test_cfg's 100 detections with masks, so each side does the whole
 post-processing. Each command runs as its own subprocess, as a user runs it; its progress bar
 is read as it prints: the rate of a long run is the images/s between the first and the last
 update (Python's, Ray's and the actors' start-up and the first batch excluded; reported
@@ -29,6 +29,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+from bench.exports import images_folder, make_export
+
 REPO = Path(__file__).resolve().parent.parent
 SIDES = ("single", "ray1", "ray2")
 NAMES = {
@@ -43,33 +45,6 @@ BATCH = 8
 # Ours / baseline, higher is better: an actor does what predict does plus Ray's hops (the
 # driver's writing overlaps the actors' work); a second actor on its own core nearly doubles.
 GOALS = {("ray1", "single"): 0.9, ("ray2", "single"): 1.6, ("ray2", "ray1"): 1.7}
-
-
-def make_export(folder: Path) -> Path:
-    """The seeded Mask R-CNN R18-FPN export (nothing trained: seconds)."""
-    import torch
-    from mmdet.registry import MODELS
-    from mmdet.utils import register_all_modules
-    from mmengine.config import Config
-
-    from utils.data.synthetic import CLASSES
-    from utils.training.export import write_export
-
-    register_all_modules()
-    cfg = Config.fromfile(REPO / "configs/synthetic/maskrcnn_r18_fpn_synthetic.py")
-    torch.manual_seed(0)
-    model = MODELS.build(cfg.model)
-    model.init_weights()
-    palette = [(220, 20, 60), (0, 128, 0), (0, 0, 255)]
-    return write_export(folder, model.state_dict(), cfg, {"classes": CLASSES, "palette": palette})
-
-
-def images_folder(folder: Path, count: int) -> Path:
-    """A folder of `count` generated 128 px validation images."""
-    from utils.data.synthetic import SyntheticSpec, ensure_dataset
-
-    root = ensure_dataset(folder / "synthetic", SyntheticSpec(num_train=1, num_val=count))
-    return root / "val"
 
 
 def command(side: str, export: Path, images: Path, out: Path) -> list[str]:

@@ -1,12 +1,13 @@
 """Online serving under load: `python -m on_ray serve` vs mmdet's `DetInferencer` behind a plain
-HTTP handler, on loopback, same checkpoint, same images.
+HTTP handler, on loopback, same model export, same images.
 
-The checkpoint is a tiny Mask R-CNN trained here for 2 batches on generated 128 px data (as the
-tests' model): untrained enough that every image gets the test_cfg's 100 detections with masks,
-so both sides do the full post-processing. The images are posted twice over: as generated (128 px
-PNGs, the model's test scale) and at COCO's size (the same images as 640x480 JPEGs, which the
-config's test pipeline resizes: decoding, resizing, pasting and encoding the masks at full size
-are then part of each request). Each side runs as its own subprocess with the machine's CPUs, one
+The model is bench/exports.py's Mask R-CNN R18-FPN export with seeded initial weights (until
+2026-12-05, a checkpoint trained here for 2 batches: the same model, as untrained): every image
+gets the test_cfg's 100 detections with masks, so both sides do the full post-processing. The
+images, 32 generated ones, are posted twice over: as generated (128 px PNGs, the model's test
+scale) and at COCO's size (the same images as 640x480 JPEGs, which the config's test pipeline
+resizes: decoding, resizing, pasting and encoding the masks at full size are then part of each
+request). Each side runs as its own subprocess with the machine's CPUs, one
 at a time, in alternating order; ours as one replica per CPU (`--replicas`, what
 docs/serving.md advises on a CPU machine). Clients are threads of this process, each posting one
 image after the other (closed loop). The baseline, started as
@@ -31,11 +32,14 @@ from typing import Any
 import cv2
 import requests
 
+from bench.exports import images_folder, make_export
+
 REPO = Path(__file__).resolve().parent.parent
 LEVELS = (1, 8, 32)
 SIDES = ("ours", "baseline")
+IMAGES = 32
 # Requests per concurrency level (after 4 warm-up requests per side).
-SIZES = {True: {1: 4, 8: 16, 32: 32, "repeats": 1}, False: {1: 40, 8: 96, 32: 160, "repeats": 3}}
+SIZES = {True: {1: 2, 8: 8, 32: 32, "repeats": 1}, False: {1: 40, 8: 96, 32: 160, "repeats": 3}}
 BASELINE = "mmdet DetInferencer behind http.server, one image per request"
 # One replica per CPU, each with one torch thread: inside a replica a second thread bought
 # nothing here (docs/serving.md, Under load). No batch wait: its default.
@@ -47,37 +51,19 @@ GOALS = {"throughput": {1: 1.0, 8: 1.3, 32: 1.3}, "p50": {1: 1.1, 8: 1.0, 32: 1.
 GOALS["p99"] = {1: 1.2, 8: 1.2, 32: 1.2}
 
 
-def train_checkpoint(folder: Path) -> tuple[Path, list[Path]]:
-    """A 2-batch Mask R-CNN checkpoint and its 32 validation images."""
-    data = {"backend": "synthetic", "cache_dir": str(folder / "synthetic")}
-    data["synthetic"] = {"num_train": 16, "num_val": 32, "image_size": 128, "max_instances": 3}
-    command = [sys.executable, "model_def.py", "experiments/demo.yaml", "--local"]
-    command += ["--output", str(folder / "run"), "--max-batches", "2"]
-    command += ["--set", "hyperparameters.global_batch_size=4", "--set", f"data={json.dumps(data)}"]
-    # Its validation's drawings and plots serve nothing here.
-    command += ["--set", "hyperparameters.visualization={num_images: 0}"]
-    command += ["--set", "hyperparameters.evaluation_plots=false"]
-    subprocess.run(command, cwd=REPO, check=True, capture_output=True, text=True)
-    (checkpoint,) = (folder / "run" / "determined").iterdir()
-    images = sorted((folder / "synthetic").rglob("val/*.png"))
-    if not images:
-        raise RuntimeError(f"no validation images under {folder / 'synthetic'}")
-    return checkpoint, images
-
-
 def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         return sock.getsockname()[1]
 
 
-def start_server(side: str, checkpoint: Path, port: int, log: Path) -> subprocess.Popen:
+def start_server(side: str, export: Path, port: int, log: Path) -> subprocess.Popen:
     env = {**os.environ, "OMP_NUM_THREADS": str(os.cpu_count() or 1)}  # both sides: all cores
     if side == "ours":
-        command = [sys.executable, "-m", "on_ray", "serve", str(checkpoint), "--port", str(port)]
+        command = [sys.executable, "-m", "on_ray", "serve", str(export), "--port", str(port)]
         command += OURS_ARGS
     else:
-        command = [sys.executable, "-m", "bench.serve", "baseline", str(checkpoint), str(port)]
+        command = [sys.executable, "-m", "bench.serve", "baseline", str(export), str(port)]
     with log.open("w") as out:
         process = subprocess.Popen(command, cwd=REPO, env=env, stdout=out, stderr=out)
     deadline = time.monotonic() + 240
@@ -152,13 +138,14 @@ def measure(quick: bool, repeats: int | None = None) -> list[dict[str, Any]]:
     counts: dict[tuple[str, str], list[int]] = {}
     with tempfile.TemporaryDirectory(prefix="bench-serve-") as tmp:
         folder = Path(tmp)
-        checkpoint, images = train_checkpoint(folder)
+        export = make_export(folder / "export")
+        images = sorted(images_folder(folder, IMAGES).glob("*.png"))
         bodies = {"128 px": [path.read_bytes() for path in images], "640x480": coco_sized(images)}
         for rep in range(repeats):
             for side in ("ours", "baseline") if rep % 2 == 0 else ("baseline", "ours"):
                 print(f"[bench.serve] {rep + 1}/{repeats} {side}", flush=True)
                 port = free_port()
-                process = start_server(side, checkpoint, port, folder / f"{side}-{rep}.log")
+                process = start_server(side, export, port, folder / f"{side}-{rep}.log")
                 url = f"http://127.0.0.1:{port}/v1/detect"
                 try:
                     for variant in VARIANTS:
