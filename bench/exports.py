@@ -2,8 +2,7 @@
 R18-FPN export with seeded initial weights, as the tests' model, and generated 128 px images.
 
 Untrained, the model gives every image the test_cfg's 100 detections with masks, so each side
-does the whole post-processing; writing it takes seconds where training a checkpoint first took
-a run of its own.
+does the whole post-processing; writing it takes seconds, with no training run.
 """
 
 from __future__ import annotations

@@ -1,18 +1,17 @@
 """Online serving under load: `python -m on_ray serve` vs mmdet's `DetInferencer` behind a plain
 HTTP handler, on loopback, same model export, same images.
 
-The model is bench/exports.py's Mask R-CNN R18-FPN export with seeded initial weights (until
-2026-12-05, a checkpoint trained here for 2 batches: the same model, as untrained): every image
-gets the test_cfg's 100 detections with masks, so both sides do the full post-processing. The
-images, 32 generated ones, are posted twice over: as generated (128 px PNGs, the model's test
+The model is bench/exports.py's Mask R-CNN R18-FPN export with seeded initial weights: every
+image gets the test_cfg's 100 detections with masks, so both sides do the full post-processing.
+The images, 32 generated ones, are posted twice over: as generated (128 px PNGs, the model's test
 scale) and at COCO's size (the same images as 640x480 JPEGs, which the config's test pipeline
 resizes: decoding, resizing, pasting and encoding the masks at full size are then part of each
-request). Each side runs as its own subprocess with the machine's CPUs, one
-at a time, in alternating order; ours as one replica per CPU (`--replicas`, what
-docs/serving.md advises on a CPU machine). Clients are threads of this process, each posting one
-image after the other (closed loop). The baseline, started as
-`python -m bench.serve baseline CHECKPOINT PORT`, answers one request at a time with
-`DetInferencer(image)` (batch 1), as a handler of Python's `http.server` does.
+request). Each side runs as its own subprocess with the machine's CPUs, one at a time, in
+alternating order; ours as one replica per CPU (`--replicas`, what docs/serving.md advises on a
+CPU machine). Clients are threads of this process, each posting one image after the other
+(closed loop). The baseline, started as `python -m bench.serve baseline CHECKPOINT PORT`,
+answers one request at a time with `DetInferencer(image)` (batch 1), as a handler of Python's
+`http.server` does.
 """
 
 from __future__ import annotations
